@@ -1,0 +1,9 @@
+"""The one exception type lorakit raises for bad input.
+
+Every message is one line that names the problem and the fix. It subclasses ValueError so
+callers that already catch ValueError keep working; the CLI turns it into exit code 2.
+"""
+
+
+class LorakitError(ValueError):
+    """Bad input or an impossible request, described in one line."""

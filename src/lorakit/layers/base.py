@@ -1,0 +1,253 @@
+"""LoraLayer: a frozen base layer plus any number of named low-rank adapters.
+
+Every adapted weight is seen as a matrix W (d x k): d outputs, k inputs (a Linear's weight, a
+GPT-2 Conv1D's weight transposed, an Embedding table transposed, a Conv kernel flattened per output
+channel). Adapter `n` holds A (r x k) and B (d x r) and adds ΔW = s·B·A, s = alpha/r.
+
+Subclasses say how W maps to that matrix view (`_weight_2d`) and write `forward`; this class keeps
+the storage, the initialisations, DoRA's magnitude, merge / unmerge, and the stacked copy of all
+adapters that a mixed batch gathers from (one row per adapter, slot 0 = no adapter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LorakitError
+
+
+@dataclass
+class AdapterSpec:
+    """What a layer needs to know about one adapter besides its tensors."""
+
+    r: int
+    scale: float
+    dropout: float = 0.0
+    use_dora: bool = False
+    init: str = "kaiming"
+
+
+class LoraLayer(nn.Module):
+    """Base class; holds `base_layer` (frozen) and adapters in ParameterDicts keyed by name."""
+
+    supports_dora = True
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA only: m, one entry per output row
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active: str | None = None  # adapter used by forward; None = base only
+        self.merged: str | None = None  # adapter currently folded into the base weight
+        self.row_adapters: list[str | None] | None = None  # set by lorakit.per_row
+        self._dora_factor: Tensor | None = None  # m / ||W + ΔW|| at merge time, to unmerge exactly
+        self._pissa_start: dict[str, tuple[Tensor, Tensor]] = {}
+        self._stack_cache: tuple | None = None
+        self._slot_cache: tuple | None = None
+
+    # ----- what subclasses define ------------------------------------------------------------
+    def _weight_2d(self) -> Tensor:
+        """The base weight as a (d x k) view that shares storage with it."""
+        raise NotImplementedError
+
+    def _a_shape(self, r: int) -> tuple[int, ...]:
+        return (r, self.in_dim)
+
+    def _b_shape(self, r: int) -> tuple[int, ...]:
+        return (self.out_dim, r)
+
+    @property
+    def out_dim(self) -> int:
+        return self._weight_2d().shape[0]
+
+    @property
+    def in_dim(self) -> int:
+        return self._weight_2d().shape[1]
+
+    # ----- adapters --------------------------------------------------------------------------
+    def add_adapter(self, name: str, spec: AdapterSpec, generator: torch.Generator | None = None) -> None:
+        if name in self.specs:
+            raise LorakitError(f"adapter '{name}' already exists on this layer; delete it first or pick another name")
+        if spec.use_dora and not self.supports_dora:
+            kind = type(self.base_layer).__name__
+            raise LorakitError(f"use_dora is supported on Linear and GPT-2 Conv1D layers, not {kind}; exclude it or set use_dora=False")
+        if spec.init == "pissa" and self.specs:
+            raise LorakitError("init='pissa' rewrites the base weight, so it must be the only adapter on a layer")
+        if any(s.init == "pissa" for s in self.specs.values()):
+            raise LorakitError("this layer holds a PiSSA adapter, which rewrote its base weight; delete it first")
+        weight = self._weight_2d()
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        a = torch.empty(self._a_shape(spec.r), dtype=dtype, device=weight.device)
+        b = torch.zeros(self._b_shape(spec.r), dtype=dtype, device=weight.device)
+        self._init_pair(a, b, spec, generator)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.specs[name] = spec
+        if spec.init == "pissa":
+            self._init_pissa(name)
+        if spec.use_dora:
+            with torch.no_grad():
+                magnitude = self._weight_2d().float().norm(dim=1).to(dtype)
+            self.lora_magnitude[name] = nn.Parameter(magnitude)
+
+    def _init_pair(self, a: Tensor, b: Tensor, spec: AdapterSpec, generator: torch.Generator | None) -> None:
+        # ΔW = B·A starts at zero, so the adapted model starts exactly at the base model.
+        with torch.no_grad():
+            if spec.init == "gaussian":
+                a.normal_(0.0, 1.0 / spec.r, generator=generator)
+            else:  # kaiming-uniform with a=sqrt(5), torch's nn.Linear default (PEFT and loralib use it)
+                bound = 1.0 / math.sqrt(self.in_dim)
+                a.uniform_(-bound, bound, generator=generator)
+
+    def _init_pissa(self, name: str) -> None:
+        """PiSSA: A, B from the top-r singular triplets of W; W keeps the residual."""
+        spec = self.specs[name]
+        with torch.no_grad():
+            weight = self._weight_2d()
+            u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+            root = (s[: spec.r] / spec.scale).sqrt()
+            b = u[:, : spec.r] * root
+            a = root[:, None] * vh[: spec.r]
+            self.lora_A[name].data.copy_(a.reshape(self.lora_A[name].shape))
+            self.lora_B[name].data.copy_(b.reshape(self.lora_B[name].shape))
+            weight.sub_((spec.scale * b @ a).to(weight.dtype))
+            self._pissa_start[name] = (self.lora_A[name].detach().clone(), self.lora_B[name].detach().clone())
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged == name:
+            self.unmerge()
+        if name in self._pissa_start:  # give the base back the top-r part PiSSA took from it
+            a0, b0 = self._pissa_start.pop(name)
+            with torch.no_grad():
+                weight = self._weight_2d()
+                weight.add_((self.specs[name].scale * b0.reshape(self.out_dim, -1) @ a0.reshape(a0.shape[0], -1)).to(weight.dtype))
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude):
+            if name in store:
+                del store[name]
+        del self.specs[name]
+        if self.active == name:
+            self.active = None
+
+    def a_2d(self, name: str) -> Tensor:
+        return self.lora_A[name].reshape(self.specs[name].r, -1)
+
+    def b_2d(self, name: str) -> Tensor:
+        return self.lora_B[name].reshape(-1, self.specs[name].r)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """s·B·A as a (d x k) matrix (without DoRA's rescaling)."""
+        return self.specs[name].scale * (self.b_2d(name) @ self.a_2d(name))
+
+    def live_adapter(self) -> str | None:
+        """The adapter forward must add on top of the base output, if any."""
+        if self.merged is not None or self.active not in self.specs:
+            return None
+        return self.active
+
+    # ----- DoRA ------------------------------------------------------------------------------
+    def dora_scale(self, name: str) -> Tensor:
+        """m / ||W + s·B·A|| per output row; the norm is detached (DoRA paper, Sec. 4.3)."""
+        weight = self._weight_2d()
+        with torch.no_grad():
+            norm = (weight.float() + self.delta_weight(name).float()).norm(dim=1).to(self.lora_magnitude[name].dtype)
+        return self.lora_magnitude[name] / norm
+
+    # ----- merge -----------------------------------------------------------------------------
+    def merge(self, name: str | None = None) -> None:
+        """Fold adapter `name` (default: the active one) into the base weight. Idempotent."""
+        name = self.active if name is None else name
+        if self.merged == name or name not in self.specs:
+            return
+        if self.merged is not None:
+            raise LorakitError(f"adapter '{self.merged}' is already merged; call unmerge first")
+        with torch.no_grad():
+            weight = self._weight_2d()
+            delta = self.delta_weight(name)
+            if self.specs[name].use_dora:
+                factor = self.dora_scale(name)
+                weight.copy_(((weight.double() + delta.double()) * factor[:, None].double()).to(weight.dtype))
+                self._dora_factor = factor.detach().clone()
+            else:
+                weight.add_(delta.to(weight.dtype))
+        self.merged = name
+
+    def unmerge(self) -> None:
+        """Take the merged adapter back out of the base weight. Idempotent."""
+        if self.merged is None:
+            return
+        name, self.merged = self.merged, None
+        with torch.no_grad():
+            weight = self._weight_2d()
+            delta = self.delta_weight(name)
+            if self._dora_factor is not None:
+                restored = weight.double() / self._dora_factor[:, None].double() - delta.double()
+                weight.copy_(restored.to(weight.dtype))
+                self._dora_factor = None
+            else:
+                weight.sub_(delta.to(weight.dtype))
+
+    # ----- mixed batches ---------------------------------------------------------------------
+    def stacked(self) -> tuple[list[str], Tensor, Tensor, Tensor | None]:
+        """All adapters as padded stacks: A (n+1, r_max, k), s·B (n+1, d, r_max), DoRA scale (n+1, d).
+
+        Slot 0 is all zeros (rows that use no adapter). Zero-padding the ranks is exact, so
+        adapters of different ranks share one batched matmul. Cached while no tensor changes.
+        """
+        names = list(self.specs)
+        key = tuple((n, self.lora_A[n]._version, self.lora_B[n]._version, id(self.lora_A[n])) for n in names)
+        key += tuple((n, m._version) for n, m in self.lora_magnitude.items())
+        if not torch.is_grad_enabled() and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        r_max = max((s.r for s in self.specs.values()), default=1)
+        weight = self._weight_2d()
+        zero_a = weight.new_zeros((r_max, self.in_dim), dtype=torch.float32)
+        zero_b = weight.new_zeros((self.out_dim, r_max), dtype=torch.float32)
+        a_rows, b_rows = [zero_a], [zero_b]
+        for n in names:
+            pad = r_max - self.specs[n].r
+            a_rows.append(F.pad(self.a_2d(n).float(), (0, 0, 0, pad)))
+            b_rows.append(F.pad(self.specs[n].scale * self.b_2d(n).float(), (0, pad)))
+        dora = None
+        if self.lora_magnitude:
+            ones = torch.ones(self.out_dim, device=weight.device)
+            dora = torch.stack([ones] + [self.dora_scale(n).float() if n in self.lora_magnitude else ones for n in names])
+        result = (names, torch.stack(a_rows), torch.stack(b_rows), dora)
+        if not torch.is_grad_enabled():
+            self._stack_cache = (key, result)
+        return result
+
+    def row_slots(self, names: list[str], batch: int, device: torch.device) -> Tensor:
+        """Index of each row's adapter in `stacked()` (0 = base only for that row)."""
+        if self.merged is not None:
+            raise LorakitError(f"adapter '{self.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
+        rows = self.row_adapters
+        if rows is None or len(rows) != batch:
+            raise LorakitError(
+                f"per_row was given {0 if rows is None else len(rows)} adapter names but the batch has {batch} rows; "
+                "pass one name (or None) per row"
+            )
+        key = (tuple(names), tuple(rows), device)
+        if self._slot_cache is None or self._slot_cache[0] != key:
+            position = {n: i + 1 for i, n in enumerate(names)}
+            slots = torch.tensor([position.get(n, 0) for n in rows], dtype=torch.long, device=device)
+            self._slot_cache = (key, slots)
+        return self._slot_cache[1]
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={s.r} s={s.scale:g}{' dora' if s.use_dora else ''}" for n, s in self.specs.items())
+        return f"adapters=[{adapters}], active={self.active!r}, merged={self.merged!r}"
+
+
+def add_scaled_product(out: Tensor, xa: Tensor, b: Tensor, scale: float) -> Tensor:
+    """out + scale · xa @ bᵀ, the scale and the add fused into one GEMM (addmm)."""
+    if out.dtype == xa.dtype == b.dtype or torch.is_autocast_enabled(out.device.type):
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
+        return flat.view(out.shape)
+    return out + (scale * F.linear(xa, b.to(xa.dtype))).to(out.dtype)

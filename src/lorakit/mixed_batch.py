@@ -1,0 +1,40 @@
+"""Mixed batches: row b of a batch runs with its own adapter (or none), in one forward pass.
+
+Each LoRA layer keeps its adapters stacked (A: n+1 x r_max x k, s·B: n+1 x d x r_max, slot 0 all
+zeros), so a mixed batch costs one gather and two batched matmuls per layer whatever the number
+of distinct adapters (Punica's BGMV idea in plain PyTorch):
+
+    h_b = W0·x_b + B[slot_b]·(A[slot_b]·x_b)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from .adapters import merged_adapter
+from .errors import LorakitError
+from .layers import LoraLayer, SavedModule
+from .registry import require_adapter, walk
+
+
+@contextmanager
+def per_row(model: nn.Module, names: Sequence[str | None]):
+    """Inside the block, batch row i uses adapter names[i] (None = the base model for that row)."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise LorakitError("per_row needs a non-empty list with one adapter name (or None) per batch row")
+    names = list(names)
+    for name in set(names) - {None}:
+        require_adapter(model, name)
+    if merged_adapter(model) is not None:
+        raise LorakitError(f"adapter '{merged_adapter(model)}' is merged; call lorakit.unmerge(model) before per_row")
+    routed = [m for _, m in walk(model) if isinstance(m, (LoraLayer, SavedModule))]
+    for module in routed:
+        module.row_adapters = names
+    try:
+        yield model
+    finally:
+        for module in routed:
+            module.row_adapters = None

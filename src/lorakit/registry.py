@@ -1,0 +1,62 @@
+"""Where lorakit keeps its state on a model, and how it walks the model's modules.
+
+The adapters' configs live in the model's own __dict__ (`lorakit_configs`), so a model carries
+its adapters with it and there is no wrapper object around it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LorakitError
+from .layers import LoraLayer, SavedModule
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise LorakitError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-', starting with a letter or '_'")
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters injected into `model`, by name (kept on the model itself)."""
+    return model.__dict__.setdefault("lorakit_configs", {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for path, module in walk(model):
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Like named_modules(), but does not descend into lorakit's own wrappers."""
+    for child_name, child in module.named_children():
+        path = f"{prefix}.{child_name}" if prefix else child_name
+        yield path, child
+        if not isinstance(child, (LoraLayer, SavedModule)):
+            yield from walk(child, path)
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for path, module in walk(model):
+        if isinstance(module, SavedModule):
+            yield path, module
+
+
+def require_adapter(model: nn.Module, name: str) -> None:
+    configs = adapter_configs(model)
+    if name not in configs:
+        have = ", ".join(sorted(configs)) or "none (use lorakit.inject or lorakit.load_adapter)"
+        raise LorakitError(f"no adapter named '{name}'; adapters on this model: {have}")
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
