@@ -1,0 +1,29 @@
+"""Reproducible studies of the documents' claims: `lorakit experiment NAME [--quick] [--out DIR]`.
+
+Each study is one module with `run(out, quick, command) -> dict`; it writes report.md, PNG plots
+and results.json into `out`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..errors import LorakitError
+
+# experiment name -> module in this package
+EXPERIMENTS = {
+    "params": "params",
+    "pretrain-limits": "pretrain_limits",
+    "delta-rank": "delta_rank",
+    "finetune-vs-full": "finetune_vs_full",
+}
+
+
+def run_experiment(name: str, out: str | Path | None = None, quick: bool = False, command: str | None = None) -> dict:
+    if name not in EXPERIMENTS:
+        raise LorakitError(f"experiment {name!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
+    out = Path(out) if out is not None else Path("experiments") / name
+    command = command or f"lorakit experiment {name}" + (" --quick" if quick else "") + f" --out {out}"
+    module = importlib.import_module(f"{__name__}.{EXPERIMENTS[name]}")
+    return module.run(out, quick, command)
