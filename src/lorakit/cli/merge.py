@@ -1,0 +1,60 @@
+"""`lorakit merge`: fold an adapter into the base weights and save a standalone model.
+
+W ← W0 + s·B·A in every adapted layer, lorakit's wrappers removed, then `save_pretrained` with
+safetensors plus the tokenizer: the folder loads with plain transformers (no lorakit, no PEFT)
+and gives the adapted model's outputs, which this command checks on a short input before saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_model_argument, load_with_adapters, quiet_transformers
+
+CHECK_TEXT = "LoRA adds a low-rank update to a frozen weight."
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge an adapter into the model and save it (Hugging Face layout)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(p)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (e.g. RUN/adapter)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the merged model goes (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights (default fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import lorakit
+
+    from ..errors import LorakitError
+    from ..train.checkpoint import atomic_directory
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise LorakitError(f"--out {out} already exists and is not empty; pass --overwrite or pick another folder")
+    quiet_transformers()
+    model, tokenizer, task, _ = load_with_adapters(args.model, [args.adapter])
+    probe = tokenizer(CHECK_TEXT, return_tensors="pt")
+    with torch.no_grad():
+        adapted = model(**probe).logits
+        lorakit.merge_and_unload(model)
+        merged = model(**probe).logits
+    difference = (merged - adapted).abs().max().item()
+    scale = adapted.abs().max().item()
+    if not difference <= 1e-4 * max(1.0, scale):
+        raise LorakitError(f"the merged model's outputs differ from the adapter's by {difference:.3g}; the adapter may hold non-finite values")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model.to(dtype)
+    model.config.use_cache = True
+    with atomic_directory(out) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    print(f"merged {args.adapter} into {args.model}: max |merged - adapted| logit difference {difference:.2e}")
+    print(f"saved a standalone {task} model ({args.dtype}, {size / 1e6:.1f} MB of safetensors) to {out}")
+    return 0

@@ -1,0 +1,15 @@
+"""Fine-tuning an adapter on a real model and data: the engine behind `lorakit train`.
+
+    from lorakit.train import TrainConfig, train
+    result = train(TrainConfig(model="smollm2-135m-instruct", data="train.jsonl", out="runs/x", max_steps=50))
+
+config.py (settings, YAML + flags) · data.py (files -> token ids) · batches.py (which examples
+each step sees) · objective.py (loss, evaluation) · trainer.py (the loop) · checkpoint.py
+(atomic, resumable) · distributed.py (DDP under torchrun) · metrics.py (metrics.jsonl, loss.png)
+"""
+
+from .config import TrainConfig
+from .objective import evaluate
+from .trainer import TrainingDiverged, TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "evaluate", "train"]

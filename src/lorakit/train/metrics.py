@@ -1,0 +1,71 @@
+"""What a run writes for people to look at: metrics.jsonl (one JSON object per line) and loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_bytes
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped first."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        kept: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            kept = [r for r in self.read(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.rows = kept
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+        rows = []
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self, path: str | os.PathLike, title: str = "") -> Path | None:
+        """Training loss per step (and its running mean) with held-out loss on top."""
+        train = [(r["step"], r["loss"]) for r in self.rows if r.get("split") == "train"]
+        held = [(r["step"], r["loss"]) for r in self.rows if r.get("split") == "eval"]
+        if not train and not held:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        if train:
+            steps, losses = zip(*train)
+            ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss (per step)")
+            window = max(1, len(losses) // 20)
+            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of {window})")
+        if held:
+            steps, losses = zip(*held)
+            ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="held-out loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy loss")
+        ax.set_title(title or "lorakit train")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
