@@ -104,3 +104,53 @@ def test_per_row_errors_are_clear():
     with pytest.raises(LorakitError, match="merged"):
         with lorakit.per_row(model, ["sql"]):
             pass
+
+
+def each_row_alone(model, ids, names):
+    rows = []
+    for i, name in enumerate(names):
+        lorakit.set_adapter(model, name)
+        rows.append(model(ids[i : i + 1]).logits)
+    lorakit.set_adapter(model, None)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_one_token_rows_and_eval_without_no_grad(length):
+    """One token per row takes the SDDMM + embedding_bag path; frozen adapters with grad mode on too."""
+    model = multi_adapter_llama()
+    model.requires_grad_(False)
+    names = ["dora", "poet", None, "sql", "poet", "dora", "sql", None]
+    ids = token_ids(len(names), length)
+    with torch.no_grad():
+        expected = each_row_alone(model, ids, names)
+    with lorakit.per_row(model, names):
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hot_load_delete_and_edit_between_mixed_batches():
+    """The stack is synced incrementally: new, deleted, re-added and edited adapters all show up."""
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), name="first")
+    randomize_adapter(model, "first", seed=0)
+    ids = token_ids(3, 1)
+    with torch.no_grad():
+        with lorakit.per_row(model, ["first", None, "first"]):
+            model(ids)
+        for i in range(6):  # more than the stack's first capacity (4), so it grows in place
+            lorakit.inject(model, LoraConfig(r=2 + i % 3, target_modules=["q_proj", "k_proj", "v_proj"]), name=f"new{i}")
+            randomize_adapter(model, f"new{i}", seed=10 + i)
+            with lorakit.per_row(model, [f"new{i}", "first", None]):
+                model(ids)
+        names = ["new5", "first", "new2"]
+        expected = each_row_alone(model, ids, names)
+        with lorakit.per_row(model, names):
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+        lorakit.delete_adapter(model, "new2")
+        lorakit.inject(model, LoraConfig(r=6, target_modules=["v_proj"]), name="new2")  # a larger rank: re-padded
+        randomize_adapter(model, "new2", seed=99)
+        model.model.layers[0].self_attn.q_proj.lora_B["first"].mul_(3.0)  # an in-place edit
+        expected = each_row_alone(model, ids, names)
+        with lorakit.per_row(model, names):
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)

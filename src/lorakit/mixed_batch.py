@@ -1,10 +1,12 @@
 """Mixed batches: row b of a batch runs with its own adapter (or none), in one forward pass.
 
-Each LoRA layer keeps its adapters stacked (A: n+1 x r_max x k, s·B: n+1 x d x r_max, slot 0 all
-zeros), so a mixed batch costs one gather and two batched matmuls per layer whatever the number
-of distinct adapters (Punica's BGMV idea in plain PyTorch):
+Each LoRA layer keeps its adapters stacked (A: n+1 x r_max x k, (s·B)ᵀ: n+1 x r_max x d, slot 0
+all zeros), so a mixed batch costs a gather and two batched matmuls per layer whatever the number
+of distinct adapters (Punica's BGMV idea in plain PyTorch; the kernels are in layers/rows.py):
 
-    h_b = W0·x_b + B[slot_b]·(A[slot_b]·x_b)
+    h_b = W0·x_b + s·B[slot_b]·(A[slot_b]·x_b)
+
+The stacks are synced incrementally, so adapters can be loaded and deleted between batches.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from . import rows
 
 
 @dataclass
@@ -49,8 +50,8 @@ class LoraLayer(nn.Module):
         self.row_adapters: list[str | None] | None = None  # set by lorakit.per_row
         self._dora_factor: Tensor | None = None  # m / ||W + ΔW|| at merge time, to unmerge exactly
         self._pissa_start: dict[str, tuple[Tensor, Tensor]] = {}
-        self._stack_cache: tuple | None = None
-        self._slot_cache: tuple | None = None
+        self._row_stack = None  # rows.SlotStack: every adapter padded into one stack, for mixed batches
+        self._row_slots = None  # rows.RowIndex: each row's slot in the last mixed batch
 
     # ----- what subclasses define ------------------------------------------------------------
     def _weight_2d(self) -> Tensor:
@@ -193,61 +194,30 @@ class LoraLayer(nn.Module):
             else:
                 weight.sub_(delta.to(weight.dtype))
 
-    # ----- mixed batches ---------------------------------------------------------------------
-    def stacked(self) -> tuple[list[str], Tensor, Tensor, Tensor | None]:
-        """All adapters as padded stacks: A (n+1, r_max, k), s·B (n+1, d, r_max), DoRA scale (n+1, d).
+    # ----- mixed batches (rows.py) ----------------------------------------------------------
+    def stacked(self, used: list[str] | None = None) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
+        """Slot per adapter, A (n+1, r_max, k), (s·B)ᵀ (n+1, r_max, d), DoRA scale (n+1, d) or None."""
+        return rows.stacked(self, used)
 
-        Slot 0 is all zeros (rows that use no adapter). Zero-padding the ranks is exact, so
-        adapters of different ranks share one batched matmul. Cached while no tensor changes.
-        """
-        names = list(self.specs)
-        key = tuple((n, self.lora_A[n]._version, self.lora_B[n]._version, id(self.lora_A[n])) for n in names)
-        key += tuple((n, m._version) for n, m in self.lora_magnitude.items())
-        if not torch.is_grad_enabled() and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        r_max = max((s.r for s in self.specs.values()), default=1)
-        weight = self._weight_2d()
-        zero_a = weight.new_zeros((r_max, self.in_dim), dtype=torch.float32)
-        zero_b = weight.new_zeros((self.out_dim, r_max), dtype=torch.float32)
-        a_rows, b_rows = [zero_a], [zero_b]
-        for n in names:
-            pad = r_max - self.specs[n].r
-            a_rows.append(F.pad(self.a_2d(n).float(), (0, 0, 0, pad)))
-            b_rows.append(F.pad(self.specs[n].scale * self.b_2d(n).float(), (0, pad)))
-        dora = None
-        if self.lora_magnitude:
-            ones = torch.ones(self.out_dim, device=weight.device)
-            dora = torch.stack([ones] + [self.dora_scale(n).float() if n in self.lora_magnitude else ones for n in names])
-        result = (names, torch.stack(a_rows), torch.stack(b_rows), dora)
-        if not torch.is_grad_enabled():
-            self._stack_cache = (key, result)
-        return result
-
-    def row_slots(self, names: list[str], batch: int, device: torch.device) -> Tensor:
+    def row_slots(self, slot: dict[str, int], batch: int, device: torch.device) -> Tensor:
         """Index of each row's adapter in `stacked()` (0 = base only for that row)."""
-        if self.merged is not None:
-            raise LorakitError(f"adapter '{self.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
-        rows = self.row_adapters
-        if rows is None or len(rows) != batch:
-            raise LorakitError(
-                f"per_row was given {0 if rows is None else len(rows)} adapter names but the batch has {batch} rows; "
-                "pass one name (or None) per row"
-            )
-        key = (tuple(names), tuple(rows), device)
-        if self._slot_cache is None or self._slot_cache[0] != key:
-            position = {n: i + 1 for i, n in enumerate(names)}
-            slots = torch.tensor([position.get(n, 0) for n in rows], dtype=torch.long, device=device)
-            self._slot_cache = (key, slots)
-        return self._slot_cache[1]
+        return rows.row_slots(self, slot, batch, device).slots
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={s.r} s={s.scale:g}{' dora' if s.use_dora else ''}" for n, s in self.specs.items())
         return f"adapters=[{adapters}], active={self.active!r}, merged={self.merged!r}"
 
 
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def add_scaled_product(out: Tensor, xa: Tensor, b: Tensor, scale: float) -> Tensor:
     """out + scale · xa @ bᵀ, the scale and the add fused into one GEMM (addmm)."""
-    if out.dtype == xa.dtype == b.dtype or torch.is_autocast_enabled(out.device.type):
+    if out.dtype == xa.dtype == b.dtype or autocast_enabled(out.device.type):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
         return flat.view(out.shape)
     return out + (scale * F.linear(xa, b.to(xa.dtype))).to(out.dtype)

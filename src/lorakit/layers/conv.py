@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from . import rows
 from .base import LoraLayer
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -59,15 +60,5 @@ class Conv(LoraLayer):
         return out + (spec.scale * self._low_rank(x, self.lora_A[name], self.lora_B[name])).to(out.dtype)
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
-        """Convolutions have no batched-weight kernel: group the rows by adapter instead."""
-        names = list(self.specs)
-        slots = self.row_slots(names, x.shape[0], x.device)
-        out = out.clone()
-        for slot in torch.unique(slots).tolist():
-            if slot == 0:
-                continue
-            name = names[slot - 1]
-            rows = (slots == slot).nonzero().squeeze(1)
-            delta = self.specs[name].scale * self._low_rank(x[rows], self.lora_A[name], self.lora_B[name])
-            out[rows] += delta.to(out.dtype)
-        return out
+        """Convolutions have no batched-weight kernel: the rows are grouped by adapter (rows.py)."""
+        return rows.conv_rows(self, x, out)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import rows
 from .base import AdapterSpec, LoraLayer, add_scaled_product
 
 
@@ -45,10 +46,4 @@ class Embedding(LoraLayer):
         return add_scaled_product(out, self._lookup(ids, a.T), b, self.specs[name].scale)  # E[ids] + s·Aᵀ[ids]·Bᵀ
 
     def _forward_rows(self, ids: Tensor, out: Tensor) -> Tensor:
-        names, a_stack, b_stack, _ = self.stacked()
-        rows = ids.shape[0]
-        slots = self.row_slots(names, rows, ids.device)
-        ids2 = ids.reshape(rows, -1)
-        xa = a_stack.transpose(1, 2)[slots[:, None], ids2]  # (rows, tokens, r_max)
-        delta = torch.bmm(xa, b_stack[slots].transpose(1, 2)).view(out.shape)
-        return out + delta.to(out.dtype)
+        return rows.embedding_rows(self, ids, out)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import rows
 from .base import LoraLayer, add_scaled_product
 
 
@@ -60,15 +61,5 @@ class Linear(LoraLayer):
         return out + ((scale - 1) * base + scale * lora).to(out.dtype)
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
-        """Each row b uses its own adapter: gather A[slot_b], B[slot_b], then two batched matmuls."""
-        names, a_stack, b_stack, dora = self.stacked()
-        rows = x.shape[0]
-        slots = self.row_slots(names, rows, x.device)
-        x3 = x.reshape(rows, -1, x.shape[-1]).to(a_stack.dtype)
-        xa = torch.bmm(x3, a_stack[slots].transpose(1, 2))  # (rows, tokens, r_max)
-        delta = torch.bmm(xa, b_stack[slots].transpose(1, 2)).view(out.shape)
-        if dora is None:
-            return out + delta.to(out.dtype)
-        scale = dora[slots].view(rows, *([1] * (out.dim() - 2)), -1)
-        base = self._base_without_bias(x, out, recompute=False)
-        return out + ((scale - 1) * base + scale * delta).to(out.dtype)
+        """Each row b uses its own adapter: gather its A and B, then two batched matmuls (rows.py)."""
+        return rows.linear_rows(self, x, out)

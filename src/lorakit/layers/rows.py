@@ -1,0 +1,264 @@
+"""Mixed batches inside one layer: row b of a batch uses its own adapter (slot 0 = none).
+
+Punica's BGMV idea in plain PyTorch. Every adapter of a layer lives in one zero-padded stack,
+
+    A: (n+1, r_max, k)    (s·B)ᵀ: (n+1, r_max, d)    slot 0 all zeros,
+
+and a batch gathers its rows' factors and runs two batched matmuls:
+
+    h_b = W0·x_b + (x_b · A[slot_b]ᵀ) · (s·B)ᵀ[slot_b]
+
+The cost depends on the batch and on r_max, not on how many distinct adapters the batch uses.
+Zero-padding ranks to r_max is exact, so adapters of different ranks share the matmuls.
+
+Decoding (one token per row) is memory-bound: each row reads its own r·(k+d) factors, and a
+gather would copy them once more before the matmul reads them. There, the A side is a sampled
+matmul (SDDMM: x·Aᵀ evaluated only at each row's r columns of the flat stack) and the B side an
+`embedding_bag` (each row's weighted sum of its r rows of (s·B)ᵀ), both reading the stack in place.
+
+For inference the stack persists and is kept in sync incrementally: a new or changed adapter
+rewrites only its own slot (hot-loading costs one slot copy per layer), a deleted one frees its
+slot. When gradients flow into an adapter a fresh, differentiable stack of just the adapters the
+batch uses is built instead, so mixed batches can also train.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import LorakitError
+
+
+class SlotStack:
+    """The persistent padded stack of one layer's adapters (inference only, never differentiable)."""
+
+    def __init__(self) -> None:
+        self.a: Tensor | None = None  # (capacity+1, r_max, k)
+        self.b_t: Tensor | None = None  # (capacity+1, r_max, d), already scaled by s
+        self.dora: Tensor | None = None  # (capacity+1, d): DoRA's m/||W0+ΔW|| per slot, 1 elsewhere
+        self.slot: dict[str, int] = {}
+        self.free: list[int] = []
+        # name -> (A, B, m, versions): the exact tensors and versions the slot was copied from.
+        # Holding the tensors (not their ids) means a deleted and re-added adapter is never
+        # mistaken for the old one.
+        self.seen: dict[str, tuple] = {}
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.a is None else self.a.shape[0] - 1
+
+    def sync(self, layer) -> None:
+        """Make every slot match the layer's adapters; copies only what changed."""
+        specs = layer.specs
+        for name in [n for n in self.slot if n not in specs]:
+            self._release(name)
+        if not specs:
+            return
+        weight = layer._weight_2d()
+        r_max = max(s.r for s in specs.values())
+        dtype = next(iter(layer.lora_A._parameters.values())).dtype
+        if self.a is None or self.a.shape[1] < r_max or self.a.device != weight.device or self.a.dtype != dtype:
+            self._allocate(len(specs), layer.in_dim, layer.out_dim, r_max, dtype, weight.device)
+        if layer.lora_magnitude and self.dora is None:
+            self.dora = self.a.new_ones((self.capacity + 1, layer.out_dim))
+        a_params, b_params, m_params = layer.lora_A._parameters, layer.lora_B._parameters, layer.lora_magnitude._parameters
+        for name, spec in specs.items():
+            a, b, m = a_params[name], b_params[name], m_params.get(name)
+            # DoRA's scale also depends on W0, so W0's version is part of the key.
+            versions = (a._version, b._version, spec.scale, -1 if m is None else m._version, -1 if m is None else weight._version)
+            old = self.seen.get(name)
+            if old is not None and old[0] is a and old[1] is b and old[2] is m and old[3] == versions:
+                continue
+            self._write(layer, name, self._slot_for(name, layer))
+            self.seen[name] = (a, b, m, versions)
+
+    def _allocate(self, count: int, k: int, d: int, r_max: int, dtype: torch.dtype, device: torch.device) -> None:
+        capacity = max(count, 4)
+        self.a = torch.zeros((capacity + 1, r_max, k), dtype=dtype, device=device)
+        self.b_t = torch.zeros((capacity + 1, r_max, d), dtype=dtype, device=device)
+        self.dora = None
+        self.slot, self.seen, self.free = {}, {}, list(range(capacity, 0, -1))
+
+    def _slot_for(self, name: str, layer) -> int:
+        if name in self.slot:
+            return self.slot[name]
+        if not self.free:  # double the capacity, keeping every slot where it is
+            old = self.capacity
+            self.a = torch.cat([self.a, torch.zeros_like(self.a[1:])])
+            self.b_t = torch.cat([self.b_t, torch.zeros_like(self.b_t[1:])])
+            if self.dora is not None:
+                self.dora = torch.cat([self.dora, torch.ones_like(self.dora[1:])])
+            self.free = list(range(2 * old, old, -1))
+        self.slot[name] = self.free.pop()
+        return self.slot[name]
+
+    def _write(self, layer, name: str, slot: int) -> None:
+        spec = layer.specs[name]
+        with torch.no_grad():
+            self.a[slot].zero_()
+            self.a[slot, : spec.r].copy_(layer.a_2d(name))
+            self.b_t[slot].zero_()
+            self.b_t[slot, : spec.r].copy_(layer.b_2d(name).t() * spec.scale)
+            if self.dora is not None:
+                self.dora[slot] = layer.dora_scale(name) if name in layer.lora_magnitude else 1.0
+
+    def _release(self, name: str) -> None:
+        slot = self.slot.pop(name)
+        self.seen.pop(name, None)
+        self.a[slot].zero_()
+        self.b_t[slot].zero_()
+        if self.dora is not None:
+            self.dora[slot] = 1.0
+        self.free.append(slot)
+
+
+def _differentiable_stack(layer, names: list[str]) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
+    """A fresh stack of just `names`, built from the live parameters so gradients reach them."""
+    r_max = max(layer.specs[n].r for n in names)
+    like = layer.a_2d(names[0])
+    a_rows = [like.new_zeros((r_max, layer.in_dim))]
+    b_rows = [like.new_zeros((layer.out_dim, r_max))]
+    for n in names:
+        pad = r_max - layer.specs[n].r
+        a_rows.append(F.pad(layer.a_2d(n), (0, 0, 0, pad)))
+        b_rows.append(F.pad(layer.specs[n].scale * layer.b_2d(n), (0, pad)))
+    dora = None
+    if any(n in layer.lora_magnitude for n in names):
+        ones = a_rows[0].new_ones(layer.out_dim)
+        dora = torch.stack([ones] + [layer.dora_scale(n) if n in layer.lora_magnitude else ones for n in names])
+    return {n: i + 1 for i, n in enumerate(names)}, torch.stack(a_rows), torch.stack(b_rows).transpose(1, 2), dora
+
+
+def stacked(layer, used: list[str] | None = None) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
+    """(slot of each adapter, A stack, (s·B)ᵀ stack, DoRA scales or None) for `layer`.
+
+    `used` (default: all) names the adapters a batch needs; if gradients must reach any of them
+    the result is a fresh differentiable stack of just those, else the persistent synced stack.
+    """
+    used = list(layer.specs) if used is None else [n for n in used if n in layer.specs]
+    if torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad or layer.lora_B[n].requires_grad for n in used):
+        return _differentiable_stack(layer, used)
+    if layer._row_stack is None:
+        layer._row_stack = SlotStack()
+    stack = layer._row_stack
+    stack.sync(layer)
+    if stack.a is None:  # no adapters at all
+        weight = layer._weight_2d()
+        return {}, weight.new_zeros((1, 1, layer.in_dim)), weight.new_zeros((1, 1, layer.out_dim)), None
+    return stack.slot, stack.a, stack.b_t, stack.dora
+
+
+class RowIndex:
+    """Each row's slot, plus the index tensors the one-token-per-row kernels need (built lazily)."""
+
+    def __init__(self, wanted: list[int], device: torch.device, r_max: int, slots_total: int):
+        self.key = (wanted, device, r_max, slots_total)
+        self.slots = torch.tensor(wanted, dtype=torch.long, device=device)
+        self._decode: tuple[Tensor, Tensor] | None = None
+
+    def decode_indices(self) -> tuple[Tensor, Tensor]:
+        """(CSR pattern picking row b's r_max columns of x·A_flatᵀ, the same flat indices per row)."""
+        if self._decode is None:
+            _, device, r_max, slots_total = self.key
+            rows = self.slots.shape[0]
+            flat = (self.slots[:, None] * r_max + torch.arange(r_max, device=device)).contiguous()  # (rows, r_max)
+            crow = torch.arange(0, rows * r_max + 1, r_max, device=device)
+            values = torch.zeros(rows * r_max, device=device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only its stable core
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, flat.reshape(-1), values, (rows, slots_total * r_max), check_invariants=False)
+            self._decode = (pattern, flat)
+        return self._decode
+
+
+def row_slots(layer, slot: dict[str, int], batch: int, device: torch.device, r_max: int = 0, slots_total: int = 0) -> RowIndex:
+    """Each row's slot (0 = base only), cached while the batch's layout stays the same."""
+    if layer.merged is not None:
+        raise LorakitError(f"adapter '{layer.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
+    rows = layer.row_adapters
+    if rows is None or len(rows) != batch:
+        raise LorakitError(
+            f"per_row was given {0 if rows is None else len(rows)} adapter names but the batch has {batch} rows; "
+            "pass one name (or None) per row"
+        )
+    wanted = [slot.get(n, 0) for n in rows]
+    cached = layer._row_slots
+    if cached is None or cached.key != (wanted, device, r_max, slots_total):
+        cached = layer._row_slots = RowIndex(wanted, device, r_max, slots_total)
+    return cached
+
+
+def _route(layer, batch: int, device: torch.device):
+    """(row index, A stack, (s·B)ᵀ stack, DoRA) or None when no row uses an adapter of this layer."""
+    rows = layer.row_adapters
+    if rows is not None and len(rows) == batch and not any(n in layer.specs for n in rows):
+        if layer.merged is not None:
+            raise LorakitError(f"adapter '{layer.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
+        return None
+    used = list(dict.fromkeys(n for n in rows or () if n is not None))
+    slot, a, b_t, dora = stacked(layer, used)
+    return row_slots(layer, slot, batch, device, a.shape[1], a.shape[0]), a, b_t, dora
+
+
+def _delta_decode(index: RowIndex, x2: Tensor, a: Tensor, b_t: Tensor) -> Tensor:
+    """One token per row: SDDMM for x·A[slot]ᵀ, then embedding_bag for ·(s·B)ᵀ[slot]; no copies."""
+    pattern, flat = index.decode_indices()
+    r_max = a.shape[1]
+    xa = torch.sparse.sampled_addmm(pattern, x2, a.reshape(-1, a.shape[2]).t(), beta=0.0).values().view(-1, r_max)
+    return F.embedding_bag(flat, b_t.reshape(-1, b_t.shape[2]), per_sample_weights=xa, mode="sum")
+
+
+def linear_rows(layer, x: Tensor, out: Tensor) -> Tensor:
+    """Linear / Conv1D: out_b + x_b·A[slot_b]ᵀ·(s·B)ᵀ[slot_b] (DoRA: rescaled per output row)."""
+    rows = x.shape[0]
+    route = _route(layer, rows, x.device)
+    if route is None:
+        return out
+    index, a, b_t, dora = route
+    x3 = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)
+    if x3.shape[1] == 1 and not (torch.is_grad_enabled() and a.requires_grad):
+        delta = _delta_decode(index, x3[:, 0], a, b_t).view(out.shape)
+    else:
+        xa = torch.bmm(x3, a.index_select(0, index.slots).transpose(1, 2))  # (rows, tokens, r_max)
+        b_rows = b_t.index_select(0, index.slots)  # (rows, r_max, d)
+        out3 = out.reshape(rows, -1, out.shape[-1])
+        if dora is None and out3.dtype == xa.dtype:
+            return torch.baddbmm(out3, xa, b_rows).view(out.shape)  # the add fused into the matmul
+        delta = torch.bmm(xa, b_rows).view(out.shape)
+    if dora is None:
+        return out + delta.to(out.dtype)
+    scale = dora.index_select(0, index.slots).view(rows, *([1] * (out.dim() - 2)), -1)
+    bias = getattr(layer.base_layer, "bias", None)
+    base = out if bias is None else out - bias
+    return out + ((scale - 1) * base + scale * delta).to(out.dtype)
+
+
+def embedding_rows(layer, ids: Tensor, out: Tensor) -> Tensor:
+    """Embedding: out_b + A[slot_b][:, ids_b]ᵀ·(s·B)ᵀ[slot_b]; the lookup replaces the first matmul."""
+    rows = ids.shape[0]
+    route = _route(layer, rows, ids.device)
+    if route is None:
+        return out
+    index, a, b_t, _ = route
+    xa = a[index.slots[:, None], :, ids.reshape(rows, -1)]  # (rows, tokens, r_max)
+    delta = torch.bmm(xa, b_t.index_select(0, index.slots)).view(out.shape)
+    return out + delta.to(out.dtype)
+
+
+def conv_rows(layer, x: Tensor, out: Tensor) -> Tensor:
+    """Convolutions have no batched-weight kernel: the rows are grouped by adapter instead."""
+    rows = layer.row_adapters
+    if rows is None or len(rows) != x.shape[0]:
+        row_slots(layer, {}, x.shape[0], x.device)  # raises the clear error
+    if layer.merged is not None:
+        raise LorakitError(f"adapter '{layer.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
+    result = out
+    for name in dict.fromkeys(n for n in rows if n in layer.specs):
+        index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+        delta = layer.specs[name].scale * layer._low_rank(x[index], layer.lora_A[name], layer.lora_B[name])
+        result = result.index_add(0, index, delta.to(out.dtype))
+    return result
