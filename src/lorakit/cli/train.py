@@ -76,10 +76,22 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run_command)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by a test harness)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("lorakit.train")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("lorakit train: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

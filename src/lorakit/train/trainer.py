@@ -64,9 +64,10 @@ class TrainResult:
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for 0-based `step`: linear warmup, then decay to 0."""
+    """Multiplier of the peak learning rate for 0-based `step`: linear warmup from 0, then decay to 0
+    (the same numbers as transformers' get_{cosine,linear,constant}_schedule_with_warmup)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
