@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_model_argument
+from .common import add_model_argument, quiet_transformers
 
 EXAMPLES = """examples:
   lorakit train --model smollm2-135m-instruct --data train.jsonl --eval-fraction 0.1 --out runs/a --max-steps 100
   lorakit train --model ./bert --task seq-cls --data reviews.csv --eval-data dev.csv --out runs/b --epochs 2
   lorakit train --config run.yaml --out runs/c --resume
-  torchrun --nproc_per_node=2 -m lorakit.cli.main train --model ./m --data d.jsonl --out runs/d"""
+  torchrun --nproc_per_node=2 -m lorakit train --model ./m --data d.jsonl --out runs/d"""
 
 
 def _switch(parser, name: str, help: str) -> None:
@@ -114,6 +114,7 @@ def run_command(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
     config = TrainConfig.from_sources(args.config, overrides)
     _setup_logging()
+    quiet_transformers()
     try:
         result = train(config)
     except TrainingDiverged as err:
