@@ -9,7 +9,7 @@ import sys
 from ..errors import LorakitError
 
 # subcommand -> module under lorakit.cli that defines add_parser(subparsers) and run(args)
-SUBCOMMANDS: list[str] = ["train", "eval", "generate", "merge", "inspect", "experiment"]
+SUBCOMMANDS: list[str] = ["train", "eval", "generate", "merge", "inspect", "experiment", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

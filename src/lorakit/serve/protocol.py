@@ -1,0 +1,149 @@
+"""OpenAI's completions and chat-completions API as plain dicts: parsing requests (every problem a
+clear 400) and the response, stream-chunk and error shapes the official `openai` client expects.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import LorakitError
+from .sampling import SamplingParams
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
+                413: "invalid_request_error", 503: "server_error"}.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """A parsed request: which model, what to generate from, how to sample, how to answer."""
+
+    model: str
+    prompts: list  # completions: strings or token-id lists; chat: one list of messages
+    chat: bool
+    sampling: dict  # SamplingParams fields; max_tokens may be None (= the rest of the context)
+    stream: bool
+    include_usage: bool
+
+
+def _field(body: dict, name: str, kinds: tuple, default=None, required: bool = False):
+    if name not in body or body[name] is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required", param=name)
+        return default
+    value = body[name]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        allowed = " or ".join(k.__name__ for k in kinds)
+        raise ApiError(400, f"'{name}' must be {allowed}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _field(body, "model", (str,), required=True)
+    for name, bad in (("n", lambda v: v != 1), ("best_of", lambda v: v != 1), ("echo", bool),
+                      ("logprobs", lambda v: v not in (None, False, 0)), ("tools", bool), ("suffix", bool)):
+        if body.get(name) is not None and bad(body[name]):
+            raise ApiError(400, f"'{name}' is not supported by lorakit serve; leave it out", param=name)
+    max_tokens = _field(body, "max_tokens", (int,))
+    if chat and max_tokens is None:
+        max_tokens = _field(body, "max_completion_tokens", (int,))
+    if not chat and max_tokens is None:
+        max_tokens = 16  # OpenAI's default for completions
+    sampling = {
+        "max_tokens": max_tokens,
+        "temperature": _field(body, "temperature", (int, float), 1.0),
+        "top_p": _field(body, "top_p", (int, float), 1.0),
+        "stop": _field(body, "stop", (str, list), []),
+        "seed": _field(body, "seed", (int,)),
+    }
+    try:  # validate now (with a stand-in max_tokens when it depends on the prompt)
+        SamplingParams(**{**sampling, "max_tokens": sampling["max_tokens"] or 1})
+    except LorakitError as err:
+        raise ApiError(400, str(err), param=str(err).split("=")[0]) from None
+    stream = _field(body, "stream", (bool,), False)
+    options = _field(body, "stream_options", (dict,), {})
+    return model, sampling, stream, bool(options.get("include_usage"))
+
+
+def parse_completion(body: object) -> Job:
+    model, sampling, stream, usage = _common(body, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ApiError(400, "'prompt' must be a non-empty string, a list of strings, or token ids", param="prompt")
+    if stream and len(prompts) > 1:
+        raise ApiError(400, "streaming takes one prompt per request", param="prompt")
+    return Job(model, prompts, False, sampling, stream, usage)
+
+
+def parse_chat(body: object) -> Job:
+    model, sampling, stream, usage = _common(body, chat=True)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a 'role' of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content parts must all be text parts", param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        clean.append({"role": message["role"], "content": content})
+    return Job(model, [clean], True, sampling, stream, usage)
+
+
+# ----- responses --------------------------------------------------------------------------------
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(job: Job, rid: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict:
+    """The whole answer; `choices` is [(text, finish_reason)]."""
+    if job.chat:
+        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+                 for i, (text, reason) in enumerate(choices)]
+    else:
+        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(choices)]
+    return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
+            "model": job.model, "choices": items, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(job: Job, rid: str, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
+    """One server-sent event of a stream (text None: no choice, e.g. the usage-only last chunk)."""
+    if job.chat:
+        delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        kind = "chat.completion.chunk"
+    else:
+        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+        kind = "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": job.model,
+            "choices": choices if text is not None or finish_reason is not None else []}
