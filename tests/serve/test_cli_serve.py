@@ -1,0 +1,44 @@
+"""`lorakit serve` as users run it: a subprocess on an ephemeral port, stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+from serve_assets import Reference, build_assets
+
+LORAKIT = [sys.executable, "-c", "import sys; from lorakit.cli.main import main; sys.exit(main())"]
+
+
+def test_cli_serves_and_stops_cleanly(tmp_path):
+    model_dir, adapters_dir = build_assets(tmp_path)
+    process = subprocess.Popen([*LORAKIT, "serve", "--model", str(model_dir), "--adapters", str(adapters_dir), "--port", "0",
+                                "--max-adapters", "2"], stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url, deadline, log = None, time.time() + 120, []
+        while url is None and time.time() < deadline:
+            line = process.stderr.readline()
+            log.append(line)
+            found = re.search(r"on (http://\S+)/v1", line)
+            url = found and found[1]
+            assert line or process.poll() is None, "".join(log)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data][0] == "tiny-llama"
+        answer = client.completions.create(model="sql", prompt="SELECT name", max_tokens=6, temperature=0)
+        assert answer.choices[0].text == Reference(model_dir, adapters_dir).text("sql", "SELECT name", 6)
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([*LORAKIT, "serve", "--model", str(tmp_path), "--adapters", str(tmp_path / "missing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"lorakit serve: error: --adapters {tmp_path / 'missing'} is not a folder; give the folder that holds one subfolder per adapter"]
