@@ -123,3 +123,104 @@ def params_sweep(results):
     ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def finetune_quality(results):
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, (name, t) in zip(axes[0], tasks.items()):
+        metric = t["metric"]
+        for r in t["runs"]:
+            marker = "s" if r["kind"] == "full" else "^" if r["kind"] == "head" else "D" if r["dora"] else "o" if r["targets"] == "qv" else "v"
+            ax.scatter(r["trainable"], r["held_out"][metric], marker=marker, s=40)
+            ax.annotate(r["variant"], (r["trainable"], r["held_out"][metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(t["base"][metric], color="gray", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"held-out {metric}" + (" (lower is better)" if metric == "perplexity" else ""))
+        ax.set_title(f"{name} (dotted: before training)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def finetune_costs(results):
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    for col, (name, t) in enumerate(tasks.items()):
+        keys = [r["variant"] for r in t["runs"]]
+        ax = axes[0][col]
+        bottom = [0.0] * len(keys)
+        for j, part in enumerate(("weights", "grads", "optimizer", "activations")):
+            vals = [r["memory"][part] / 1e6 for r in t["runs"]]
+            ax.bar(keys, vals, bottom=bottom, label=part, color=f"C{j}")
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("accounted training memory (MB)")
+        ax.set_title(name)
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        ax.legend(fontsize=7)
+        ax2 = axes[1][col]
+        ax2.bar(keys, [r["checkpoint_bytes"] / 1e6 for r in t["runs"]], color="C5")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("checkpoint size (MB, log)")
+        ax2.tick_params(axis="x", rotation=60, labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def finetune_curves(results):
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, (name, t) in zip(axes[0], tasks.items()):
+        for i, r in enumerate(t["runs"]):
+            losses = r["train_loss"]
+            ax.plot(range(1, len(losses) + 1), smooth(losses, max(1, len(losses) // 15)), lw=1, color=f"C{i % 10}", label=r["variant"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def delta_spectra(results, plan):
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, row in enumerate(results["layers"]):
+        s = row["singular_values"]
+        ax.semilogy(range(1, len(s) + 1), [v / s[0] for v in s], lw=0.9, color=f"C{i % 10}", label=row["layer"])
+        ranks = sorted(int(r) for r in row["best_capture"])
+        ax2.plot(ranks, [100 * row["best_capture"][r] for r in ranks], "o-", ms=3, lw=0.8, color=f"C{i % 10}")
+    first = results["layers"][0]
+    ranks = sorted(int(r) for r in first["random_capture"])
+    ax2.plot(ranks, [100 * first["random_capture"][r] for r in ranks], "k:", label="random subspace")
+    for key in (f"r{plan.ranks[0]}-s{plan.seeds[0]}", f"r{plan.ranks[1]}-s{plan.seeds[0]}"):
+        r = int(key[1:].split("-")[0])
+        vals = [100 * row["lora_capture"][key] for row in results["layers"]]
+        ax2.scatter([r] * len(vals), vals, marker="x", color="k", zorder=3, label=f"LoRA r={r} subspace" if key.endswith("s0") else None)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("s_i / s_1 of full-FT ΔW")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("rank r")
+    ax2.set_ylabel("% of ||ΔW_full||² captured")
+    ax2.axhline(90, color="gray", lw=0.6, ls="--")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def delta_similarity(results, plan):
+    row = results["layers"][len(results["layers"]) // 2]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 2.8))
+    for ax, key, side in ((axes[0], "phi_rank", "ΔW output side"), (axes[1], "phi_rank_A", "A (input side)")):
+        im = ax.imshow(row[key], aspect="auto", vmin=0, vmax=1, cmap="viridis",
+                       extent=(0.5, len(row[key][0]) + 0.5, len(row[key]) + 0.5, 0.5))
+        ax.set_xlabel(f"j (r={plan.ranks[1]})")
+        ax.set_ylabel(f"i (r={plan.ranks[0]})")
+        ax.set_title(f"{row['layer']}: {side}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
