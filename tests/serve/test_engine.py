@@ -100,3 +100,15 @@ def test_bad_requests_and_adapters_are_refused(assets, tmp_path):
     with pytest.raises(LorakitError, match="trains biases"):
         cache.acquire("biased")
     assert cache.available() == ["biased"] and not cache.loaded
+
+
+def test_hot_load_freezes_only_the_new_adapter(assets):
+    """The adapter cache loads with freeze=False: nothing but the new tensors changes requires_grad."""
+    _, adapters_dir, _ = assets
+    model = build_model(320, 0)
+    cache = AdapterCache(model, adapters_dir)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.lm_head.weight.requires_grad_(True)  # someone's choice after start: hot loads leave it alone
+    cache.load("poet")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert not layer.lora_A["poet"].requires_grad and model.lm_head.weight.requires_grad

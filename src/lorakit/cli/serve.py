@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LorakitError
     from ..models import load_model, load_tokenizer
     from ..serve import create_server
+    from .common import quiet_transformers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s lorakit serve: %(message)s", stream=sys.stderr)
+    quiet_transformers()
     if not 0 <= args.port <= 65535:
         raise LorakitError(f"--port {args.port} is invalid: use 0-65535 (0 picks a free port)")
     if args.adapters is not None and not Path(args.adapters).is_dir():

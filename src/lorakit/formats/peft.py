@@ -168,11 +168,14 @@ def _resolve(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False, activate: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False, activate: bool = True,
+                 freeze: bool = True) -> nn.Module:
     """Add the adapter saved in `directory` (by lorakit or PEFT) as `name`; returns the model.
 
     The model ends up frozen, unless trainable=True, which makes this adapter the trainable part.
-    activate=True makes it the adapter forward uses.
+    activate=True makes it the adapter forward uses. freeze=False (with trainable=False) freezes
+    only the new adapter's tensors and leaves the rest as it is: a server whose model is frozen
+    once saves a walk over every parameter on each hot load.
     """
     check_adapter_name(name)
     if name in adapter_configs(model):
@@ -180,14 +183,14 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     peft_config, tensors = read_adapter(directory)
     config = config_from_peft(peft_config)
     saved_paths = set()
-    for path, module in walk(model):
-        if config.modules_to_save and re.fullmatch(r"|".join(rf"(.*\.)?{re.escape(m)}" for m in config.modules_to_save), path):
+    for path, module in walk(model) if config.modules_to_save else ():
+        if re.fullmatch(r"|".join(rf"(.*\.)?{re.escape(m)}" for m in config.modules_to_save), path):
             saved_paths.add(path)
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved_state: dict[str, dict[str, torch.Tensor]] = {}
     extras: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, model param, value)
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = {}  # filled on first need: listing every parameter is slow on big models
     for key, value in tensors.items():
         short = key[len(PREFIX):] if key.startswith(PREFIX) else key
         found = _LORA_KEY.match(short)
@@ -205,6 +208,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
             continue  # PEFT stores whole embedding tables beside embedding adapters; the base is ours
         # "<path>.base_layer.bias" in the file is "<path>.bias" in a model not yet wrapped, and vice versa
         spellings = (short, short.replace(".base_layer.", "."), short.rpartition(".")[0] + ".base_layer." + short.rpartition(".")[2])
+        params = params or dict(model.named_parameters())
         target = next((params[s] for s in spellings if s in params), None)
         if target is None:
             raise LorakitError(f"adapter tensor '{key}' names a parameter this model does not have; the adapter is for another model")
@@ -267,8 +271,15 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     adapter_configs(model)[name] = config
     if trainable:
         set_trainable(model, name)
-    else:  # like PEFT's inference mode: nothing trains
+    elif freeze:  # like PEFT's inference mode: nothing trains
         model.requires_grad_(False)
+    else:
+        for _, layer, *_ in specs.values():
+            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+                if name in store:
+                    store[name].requires_grad_(False)
+        for path in saved_state:
+            _resolve(model, path).copies[name].requires_grad_(False)
     if activate:
         set_adapter(model, name)
     return model

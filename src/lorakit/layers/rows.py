@@ -77,7 +77,7 @@ class SlotStack:
             self.seen[name] = (a, b, m, versions)
 
     def _allocate(self, count: int, k: int, d: int, r_max: int, dtype: torch.dtype, device: torch.device) -> None:
-        capacity = max(count, 4)
+        capacity = max(count, 8)  # grows by doubling; each growth copies the stack once
         self.a = torch.zeros((capacity + 1, r_max, k), dtype=dtype, device=device)
         self.b_t = torch.zeros((capacity + 1, r_max, d), dtype=dtype, device=device)
         self.dora = None
@@ -98,11 +98,13 @@ class SlotStack:
 
     def _write(self, layer, name: str, slot: int) -> None:
         spec = layer.specs[name]
+        a, b_t = self.a[slot], self.b_t[slot]
         with torch.no_grad():
-            self.a[slot].zero_()
-            self.a[slot, : spec.r].copy_(layer.a_2d(name))
-            self.b_t[slot].zero_()
-            self.b_t[slot, : spec.r].copy_(layer.b_2d(name).t() * spec.scale)
+            a[: spec.r].copy_(layer.lora_A._parameters[name].reshape(spec.r, -1))
+            b_t[: spec.r].copy_(layer.lora_B._parameters[name].reshape(-1, spec.r).t()).mul_(spec.scale)
+            if spec.r < a.shape[0]:  # zero the padding (a reused slot may hold an older, larger adapter)
+                a[spec.r :].zero_()
+                b_t[spec.r :].zero_()
             if self.dora is not None:
                 self.dora[slot] = layer.dora_scale(name) if name in layer.lora_magnitude else 1.0
 

@@ -49,7 +49,7 @@ class AdapterCache:
     def __init__(self, model: nn.Module, directory: str | Path, capacity: int = 32, lock: threading.RLock | None = None):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise LorakitError(f"adapter cache size {capacity!r} is invalid: use an integer >= 1")
-        self.model = model
+        self.model = model.requires_grad_(False)  # once, so each hot load need only freeze its own tensors
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
             raise LorakitError(f"adapters directory {directory} does not exist; create it or point --adapters at the folder of adapter folders")
@@ -121,7 +121,7 @@ class AdapterCache:
         if bias not in (None, "none"):
             raise LorakitError(f"adapter '{name}' trains biases (bias={bias!r}), which would change the base model for every request; re-save it with bias='none'")
         start = time.perf_counter()
-        load_adapter(self.model, path, name=name, activate=False)
+        load_adapter(self.model, path, name=name, activate=False, freeze=False)
         with torch.no_grad():  # copy the new factors into each layer's slot stack now, not on first use
             for _, layer in lora_layers(self.model):
                 if name in layer.specs:

@@ -303,6 +303,7 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # the listen backlog: many clients connecting at once must not be refused
 
     def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000):
         self.app = app
