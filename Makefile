@@ -24,8 +24,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Fine-tunes the real SmolLM2-135M-Instruct on real movie-review sentiment (CPU, a few minutes).
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/demo.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
