@@ -51,30 +51,33 @@ class SlotStack:
     def capacity(self) -> int:
         return 0 if self.a is None else self.a.shape[0] - 1
 
-    def sync(self, layer) -> None:
-        """Make every slot match the layer's adapters; copies only what changed."""
+    def sync(self, layer, names: list[str]) -> None:
+        """Make the slots of adapters `names` match their tensors (copying only what changed), and
+        free the slots of deleted adapters. Other adapters are copied in when a batch first uses them."""
         specs = layer.specs
-        for name in [n for n in self.slot if n not in specs]:
-            self._release(name)
-        if not specs:
+        if any(n not in specs for n in self.slot):
+            for name in [n for n in self.slot if n not in specs]:
+                self._release(name)
+        if not names:
             return
-        weight = layer._weight_2d()
-        r_max = max(s.r for s in specs.values())
-        dtype = next(iter(layer.lora_A._parameters.values())).dtype
-        if self.a is None or self.a.shape[1] < r_max or self.a.device != weight.device or self.a.dtype != dtype:
-            self._allocate(len(specs), layer.in_dim, layer.out_dim, r_max, dtype, weight.device)
-        if layer.lora_magnitude and self.dora is None:
-            self.dora = self.a.new_ones((self.capacity + 1, layer.out_dim))
         a_params, b_params, m_params = layer.lora_A._parameters, layer.lora_B._parameters, layer.lora_magnitude._parameters
-        for name, spec in specs.items():
+        first = a_params[names[0]]
+        if (self.a is None or max(specs[n].r for n in names) > self.a.shape[1] or self.a.dtype != first.dtype
+                or self.a.device != first.device):  # (re)allocate wide enough for every adapter of the layer
+            r_max = max(s.r for s in specs.values())
+            self._allocate(len(specs), layer.in_dim, layer.out_dim, r_max, first.dtype, first.device)
+        if m_params and self.dora is None:
+            self.dora = self.a.new_ones((self.capacity + 1, layer.out_dim))
+        for name in names:
             a, b, m = a_params[name], b_params[name], m_params.get(name)
-            # DoRA's scale also depends on W0, so W0's version is part of the key.
-            versions = (a._version, b._version, spec.scale, -1 if m is None else m._version, -1 if m is None else weight._version)
             old = self.seen.get(name)
-            if old is not None and old[0] is a and old[1] is b and old[2] is m and old[3] == versions:
+            # DoRA's scale also depends on W0, so W0's version is part of its key.
+            m_key = None if m is None else (m._version, layer._weight_2d()._version)
+            if (old is not None and old[0] is a and old[1] is b and old[2] is m and old[3] == a._version
+                    and old[4] == b._version and old[5] == m_key and old[6] == specs[name].scale):
                 continue
             self._write(layer, name, self._slot_for(name, layer))
-            self.seen[name] = (a, b, m, versions)
+            self.seen[name] = (a, b, m, a._version, b._version, m_key, specs[name].scale)
 
     def _allocate(self, count: int, k: int, d: int, r_max: int, dtype: torch.dtype, device: torch.device) -> None:
         capacity = max(count, 8)  # grows by doubling; each growth copies the stack once
@@ -147,19 +150,22 @@ def stacked(layer, used: list[str] | None = None) -> tuple[dict[str, int], Tenso
     if layer._row_stack is None:
         layer._row_stack = SlotStack()
     stack = layer._row_stack
-    stack.sync(layer)
+    stack.sync(layer, used)
     if stack.a is None:  # no adapters at all
         weight = layer._weight_2d()
         return {}, weight.new_zeros((1, 1, layer.in_dim)), weight.new_zeros((1, 1, layer.out_dim)), None
     return stack.slot, stack.a, stack.b_t, stack.dora
 
 
+_SHARED_INDEX: dict[tuple, RowIndex] = {}
+
+
 class RowIndex:
     """Each row's slot, plus the index tensors the one-token-per-row kernels need (built lazily)."""
 
-    def __init__(self, wanted: list[int], device: torch.device, r_max: int, slots_total: int):
-        self.key = (wanted, device, r_max, slots_total)
-        self.slots = torch.tensor(wanted, dtype=torch.long, device=device)
+    def __init__(self, key: tuple[tuple[int, ...], torch.device, int, int]):
+        self.key = key
+        self.slots = torch.tensor(key[0], dtype=torch.long, device=key[1])
         self._decode: tuple[Tensor, Tensor] | None = None
 
     def decode_indices(self) -> tuple[Tensor, Tensor]:
@@ -187,10 +193,16 @@ def row_slots(layer, slot: dict[str, int], batch: int, device: torch.device, r_m
             f"per_row was given {0 if rows is None else len(rows)} adapter names but the batch has {batch} rows; "
             "pass one name (or None) per row"
         )
-    wanted = [slot.get(n, 0) for n in rows]
+    key = (tuple([slot.get(n, 0) for n in rows]), device, r_max, slots_total)
     cached = layer._row_slots
-    if cached is None or cached.key != (wanted, device, r_max, slots_total):
-        cached = layer._row_slots = RowIndex(wanted, device, r_max, slots_total)
+    if cached is None or cached.key != key:
+        # Layers with the same adapters share one index: built once per batch layout, not per layer.
+        cached = _SHARED_INDEX.get(key)
+        if cached is None:
+            if len(_SHARED_INDEX) >= 16:
+                _SHARED_INDEX.clear()
+            cached = _SHARED_INDEX[key] = RowIndex(key)
+        layer._row_slots = cached
     return cached
 
 

@@ -125,7 +125,7 @@ class AdapterCache:
         with torch.no_grad():  # copy the new factors into each layer's slot stack now, not on first use
             for _, layer in lora_layers(self.model):
                 if name in layer.specs:
-                    layer.stacked()
+                    layer.stacked([name])
         self.loaded[name] = 1000 * (time.perf_counter() - start)
         log.info("loaded adapter %s in %.1f ms (%d in memory)", name, self.loaded[name], len(self.loaded))
 
