@@ -231,3 +231,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_mode
     assert "loss became nan at step 5" in last and "step-00000004" in last and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert not (tmp_path / "run/adapter").exists()
+
+
+def test_memory_options(cli, tiny_models, data_files, tmp_path):
+    """Gradient checkpointing recomputes exactly; a bf16 base trains fp32 adapters close to the fp32 run."""
+    runs = {"plain": [], "ckpt": ["--gradient-checkpointing"], "bf16": ["--base-dtype", "bf16", "--gradient-checkpointing"]}
+    for name, extra in runs.items():
+        code, _, err = cli(*train_args(tiny_models["llama"], data_files["text"], tmp_path / name, "--max-steps", 3, *extra))
+        assert code == 0, err
+    plain, ckpt, bf16 = (load_file(tmp_path / n / "adapter/adapter_model.safetensors") for n in runs)
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    assert all(torch.allclose(plain[k], bf16[k], atol=0.05) for k in plain)
+    assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # it did run in bf16

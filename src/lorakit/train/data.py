@@ -199,6 +199,7 @@ def prepare(cfg, tokenizer) -> Prepared:
     """Read, check and tokenize the training (and held-out) data a TrainConfig names."""
     rows = load_rows(cfg.data, "--data")
     kind = row_kind(rows, cfg.task, cfg.data)
+    label_rows = rows  # the label set comes from the whole --data file, even when part of it is held out
     eval_rows = load_rows(cfg.eval_data, "--eval-data") if cfg.eval_data else None
     if eval_rows is not None and row_kind(eval_rows, cfg.task, cfg.eval_data) != kind:
         raise LorakitError(f"--eval-data {cfg.eval_data} has differently shaped rows than --data {cfg.data}; use the same columns in both")
@@ -211,8 +212,8 @@ def prepare(cfg, tokenizer) -> Prepared:
         rows, eval_rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
     labels = None
     if cfg.task == "seq-cls":
-        labels = list(cfg.labels) if cfg.labels else label_set(rows, cfg.data)
-        if cfg.labels and all(isinstance(r.get("label"), int) for r in rows):
+        labels = list(cfg.labels) if cfg.labels else label_set(label_rows, cfg.data)
+        if cfg.labels and all(isinstance(r.get("label"), int) for r in label_rows):
             try:
                 labels = [int(v) for v in labels]
             except ValueError:
