@@ -244,3 +244,9 @@ def test_memory_options(cli, tiny_models, data_files, tmp_path):
     assert all(v.dtype == torch.float32 for v in bf16.values())
     assert all(torch.allclose(plain[k], bf16[k], atol=0.05) for k in plain)
     assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # it did run in bf16
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "inspect"])
+def test_help(cli, command):
+    code, out, _ = cli(command, "--help")
+    assert code == 0 and out.startswith("usage: lorakit " + command)

@@ -85,3 +85,21 @@ def test_loss_sum_equals_transformers_token_mean(tiny_models):
         reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert count == sum(e.n_targets for e in examples) == 3 + 3 + 2
     assert math.isclose(total.item() / count, reference.item(), rel_tol=1e-5)
+
+
+def test_csv_and_txt_files_and_classifier_heads(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from lorakit.train.data import load_rows
+    from lorakit.train.trainer import classifier_heads
+
+    (tmp_path / "d.csv").write_text('text,label\n"a good, warm film",1\nslow and dull,0\n')
+    assert load_rows(str(tmp_path / "d.csv")) == [{"text": "a good, warm film", "label": 1}, {"text": "slow and dull", "label": 0}]
+    (tmp_path / "d.txt").write_text("To be, or not to be:\nthat is the question.\n\nWhat's in a name?\n")
+    assert [r["text"].strip() for r in load_rows(str(tmp_path / "d.txt"))] == ["To be, or not to be:\nthat is the question.", "What's in a name?"]
+    (tmp_path / "d.parquet").touch()
+    with pytest.raises(LorakitError, match="unsupported file type"):
+        load_rows(str(tmp_path / "d.parquet"))
+    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, num_labels=2))
+    assert classifier_heads(llama) == ["score"]
