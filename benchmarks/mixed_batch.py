@@ -16,7 +16,7 @@ Bars (issue 4), decode at 64 adapters: lorakit <= 1.3x base; lorakit's overhead 
 1/3 of PEFT's; lorakit 64 adapters / 1 adapter <= 1.15.
 
     python benchmarks/mixed_batch.py                       # the run recorded in RESULTS.md
-    python benchmarks/mixed_batch.py --rounds 1 --repeats 2  # a quick look
+    python benchmarks/mixed_batch.py --rounds 1 --repeats 2 --prefill-repeats 1  # a quick look
 """
 
 from __future__ import annotations
@@ -116,9 +116,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", default="1,4,16,64", help="distinct adapters per batch, comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="alternating passes over all cases")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per case per round")
+    parser.add_argument("--repeats", type=int, default=5, help="timed decode steps per case per round")
+    parser.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills per case per round (each takes seconds)")
     parser.add_argument("--phases", default="prefill,decode")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)")
     parser.add_argument("--json", default="benchmarks/results/mixed_batch.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,7 +153,7 @@ def main() -> None:
             for case in order:
                 n = int(case.split("-")[1]) if "-" in case else 1
                 forward(case, phase, models, inputs, n)  # warm-up (first use of this batch layout)
-                for _ in range(args.repeats):
+                for _ in range(args.prefill_repeats if phase == "prefill" else args.repeats):
                     start = time.perf_counter()
                     forward(case, phase, models, inputs, n)
                     times[phase][case].append(time.perf_counter() - start)

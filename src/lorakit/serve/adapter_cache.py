@@ -81,6 +81,11 @@ class AdapterCache:
             names.append(entry.name)
         return names
 
+    def in_memory(self) -> list[str]:
+        """The loaded adapters, least recently used first."""
+        with self.lock:
+            return list(self.loaded)
+
     # ----- loading ----------------------------------------------------------------------------
     def acquire(self, name: str) -> None:
         """Load `name` if needed and hold it until `release`; it is not evicted while held."""

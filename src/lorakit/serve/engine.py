@@ -135,11 +135,13 @@ class Engine:
             self.adapters.acquire(adapter)  # loads it if needed; held until the request is done
         request = Request(list(prompt), adapter, params)
         with self._cv:
-            if len(self.waiting) >= self.max_waiting:
-                self._release(request)
-                raise EngineStopped(f"{self.max_waiting} requests are already waiting; retry later")
-            self.waiting.append(request)
-            self._cv.notify()
+            full = len(self.waiting) >= self.max_waiting
+            if not full:
+                self.waiting.append(request)
+                self._cv.notify()
+        if full:  # released outside the condition: the engine takes the model lock first, then it
+            self._release(request)
+            raise EngineStopped(f"{self.max_waiting} requests are already waiting; retry later")
         return request
 
     def start(self) -> Engine:

@@ -162,10 +162,11 @@ class App:
     def models(self) -> dict:
         data = [{"id": self.base_name, "object": "model", "created": self.started, "owned_by": "lorakit", "loaded": True}]
         adapters = self.engine.adapters
+        loaded = adapters.in_memory() if adapters is not None else []
         for name in adapters.available() if adapters is not None else []:
             created = int(Path(adapters.directory / name).stat().st_mtime)
             data.append({"id": name, "object": "model", "created": created, "owned_by": "lorakit", "parent": self.base_name,
-                         "root": self.base_name, "loaded": name in adapters.loaded})
+                         "root": self.base_name, "loaded": name in loaded})
         return {"object": "list", "data": data}
 
     def manage(self, action: str, body: object) -> dict:
@@ -182,9 +183,9 @@ class App:
         try:
             if action == "load":
                 ms = adapters.load(name)
-                return {"name": name, "loaded": True, "load_ms": round(ms, 2), "in_memory": list(adapters.loaded)}
+                return {"name": name, "loaded": True, "load_ms": round(ms, 2), "in_memory": adapters.in_memory()}
             adapters.unload(name)
-            return {"name": name, "loaded": False, "in_memory": list(adapters.loaded)}
+            return {"name": name, "loaded": False, "in_memory": adapters.in_memory()}
         except UnknownAdapter as err:
             raise ApiError(404, str(err), "name", "model_not_found") from None
         except AdapterBusy as err:
