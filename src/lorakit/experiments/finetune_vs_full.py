@@ -147,11 +147,15 @@ def verdicts(results: dict) -> str:
         best_key = better(loras, key=lambda k: score(loras[k], metric))
         typical = loras.get("lora-qv-r8") or next(iter(loras.values()))
         close = _close(score(typical, metric), score(full, metric), metric)
-        lines.append(f"**{name}**")
+        lines.append(f"\n**{name}**\n")
+        ahead = score(typical, metric) > score(full, metric) if metric == "accuracy" else score(typical, metric) < score(full, metric)
         lines.append(
             f"1. **Comparable quality: {'agrees' if close else 'disagrees'}** here. Full fine-tuning: {metric} {score(full, metric):.4g}; "
             f"{typical['variant']}: {score(typical, metric):.4g} ({_delta(score(typical, metric), score(full, metric), metric)}); "
             f"best adapter {best_key}: {score(loras[best_key], metric):.4g} ({_delta(score(loras[best_key], metric), score(full, metric), metric)})."
+            + (f" The adapter comes out ahead, but only {t['steps']} steps were affordable on this CPU: at its standard learning rate "
+               f"({t['lr_full']:g}) full fine-tuning moves slower than an adapter at {t['lr_lora']:g} and has not converged, and neither "
+               "learning rate was tuned. Read this as 'comparable within a short budget', not 'better'." if ahead else "")
         )
         ratio = full["memory_accounted"] / typical["memory_accounted"]
         lines.append(

@@ -69,6 +69,7 @@ class Plan:
     context: int = 128
     lr_full: float = 3e-3
     lr_lora: float = 1e-2
+    lora_alpha: float = 32.0
     eval_points: int = 6
     eval_windows: int = 64
     relora_every: int = 100
@@ -91,12 +92,12 @@ def methods(ranks: tuple[int, ...], restart_rank: int) -> tuple[Method, ...]:
 
 
 FULL = Plan(
-    sizes=(Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4), Size("1.8M", 192, 4, 3)),
+    sizes=(Size("0.06M", 32, 4, 2), Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4)),
     methods=methods((8, 32, 128), 32),
-    steps=200, batch=16, context=128, relora_every=50, galore_gap=50,
+    steps=200, batch=8, context=128, relora_every=50, galore_gap=50,
     replicate=("python-stdlib", Size("0.2M", 64, 4, 2), ("full", "lora-r8", "lora-r32", "relora-r32", "galore-r32")),
     extra={"lr_pilot": "learning rates from a pilot at 0.8M, 300 steps, held-out loss: full 3e-3 -> 2.02 vs 1e-2 -> 2.35; "
-                       "lora-r32 1e-2 -> 3.12 vs 3e-2 -> 3.28; lora-r8 3e-2 -> 3.23; galore-r32 1e-2 -> 2.05 vs 3e-2 -> 1.98"},
+                       "lora-r32 (s = 1) 1e-2 -> 3.12 vs 3e-2 -> 3.28; galore-r32 1e-2 -> 2.05 vs 3e-2 -> 1.98"},
 )
 QUICK = Plan(
     sizes=(Size("tiny", 32, 2, 2),),
@@ -139,14 +140,21 @@ def block_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
 def configure(model: nn.Module, method: Method, plan: Plan):
     """Inject adapters / set trainable weights, and build the optimizer for `method`."""
     if method.kind in ("lora", "relora"):
-        inject(model, LoraConfig(r=method.rank, alpha=float(method.rank), target_modules="all-linear"), seed=plan.seed)
+        # alpha fixed, so s = alpha / r: the LoRA paper's scaling, which keeps the size of an Adam
+        # step on s·B·A about the same at every rank (alpha = r would make r=128 steps 16x larger)
+        inject(model, LoraConfig(r=method.rank, alpha=plan.lora_alpha, target_modules="all-linear"), seed=plan.seed)
         adapted = {p for p, _ in lora_layers(model)}
+        factors, rest = [], []
         for name, param in model.named_parameters():
-            # embeddings, norms and the head train fully (the papers' LoRA baselines do the same)
-            if not any(name.startswith(a + ".") for a in adapted):
+            if any(name.startswith(a + ".") for a in adapted):
+                if param.requires_grad:
+                    factors.append(param)
+            else:
+                # embeddings, norms and the head train fully, at full-rank's learning rate
+                # (the GaLore and ReLoRA papers' LoRA baselines train them too)
                 param.requires_grad_(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=plan.lr_lora, weight_decay=0.0)
+                rest.append(param)
+        return torch.optim.AdamW([{"params": factors, "lr": plan.lr_lora}, {"params": rest, "lr": plan.lr_full}], weight_decay=0.0)
     if method.kind == "galore":
         matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in f".{n}"]
         ids = {id(p) for p in matrices}
@@ -294,7 +302,8 @@ def write_report(report: Report, results: dict, plan: Plan) -> None:
         f"({plan.steps} steps x {plan.batch} x {plan.context}) of {corpus} ({c['train_bytes']:,} training bytes; "
         f"held-out = every tenth file, {c['held_out_bytes']:,} bytes, scored on {plan.eval_windows} fixed windows). "
         f"AdamW, warm-up + cosine, lr {plan.lr_full:g} for full-rank weights, {plan.lr_lora:g} for LoRA factors and GaLore's "
-        f"projected matrices (GaLore scale 0.25); LoRA alpha = r; ReLoRA restarts every {plan.relora_every} steps; "
+        f"projected matrices (GaLore scale 0.25), {plan.lr_full:g} for everything else (embeddings, norms, head); LoRA alpha = {plan.lora_alpha:g} "
+        f"(s = alpha/r); ReLoRA restarts every {plan.relora_every} steps; "
         f"GaLore re-projects every {plan.galore_gap} steps. Loss is nats per byte; perplexity is per byte."
         + (f" ({plan.extra['lr_pilot']}.)" if plan.extra.get("lr_pilot") else "")
     )
@@ -389,7 +398,7 @@ def verdicts(runs, corpus, sizes, trained) -> str:
         f"identical math. (Mixture of experts and sparse attention are not measured here.)"
     )
     lines.append(
-        "\nScale caveat: these are 0.2M-3M-parameter models trained for minutes on two CPU cores, far from the "
+        "\nScale caveat: these are 0.06M-0.8M-parameter models trained for minutes on two CPU cores, far from the "
         "60M-1B models of the GaLore and ReLoRA papers; the direction of each effect is what this run can show."
     )
     return "\n".join(lines)
