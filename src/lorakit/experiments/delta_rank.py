@@ -124,7 +124,7 @@ def run(out, quick: bool, command: str) -> dict:
 
 def write_report(report: Report, results: dict, plan: Plan) -> None:
     small, big = plan.ranks
-    s0, s1, b0 = f"r{small}-s{plan.seeds[0]}", f"r{small}-s{plan.seeds[1]}", f"r{big}-s{plan.seeds[0]}"
+    s0, b0 = f"r{small}-s{plan.seeds[0]}", f"r{big}-s{plan.seeds[0]}"
     report.add(
         f"Task: {results['task']}. Every run: {plan.steps} steps x batch {plan.shape[0]}, same batches; full fine-tuning "
         f"lr 5e-5, LoRA lr 1e-3 with alpha 16. Held-out accuracy: "
@@ -170,7 +170,7 @@ def write_report(report: Report, results: dict, plan: Plan) -> None:
 
 def verdicts(results: dict, plan: Plan) -> str:
     small, big = plan.ranks
-    s0, b0 = f"r{small}-s{plan.seeds[0]}", f"r{big}-s{plan.seeds[0]}"
+    s0 = f"r{small}-s{plan.seeds[0]}"
     layers = results["layers"]
     n = len(layers)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

@@ -104,7 +104,8 @@ def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> i
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = forward()
     total = unique_bytes(iter(saved))
-    del loss, saved
+    saved.clear()  # let autograd's graph and its tensors go
+    del loss
     return total
 
 
