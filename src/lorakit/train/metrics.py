@@ -56,7 +56,7 @@ class MetricsLog:
             ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of {window})")
         if held:
             steps, losses = zip(*held)
-            ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="held-out loss")
+            ax.plot(steps, losses, "o--", color="tab:orange", lw=1.5, label="held-out loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy loss")
         ax.set_title(title or "lorakit train")
