@@ -8,8 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _runs(runs, corpus, size):
-    return {r["method"]: r for r in runs if r["corpus"] == corpus and r["size"] == size}
+def _runs(runs, corpus, size, series="main"):
+    return {r["method"]: r for r in runs if r["corpus"] == corpus and r["size"] == size and r.get("series", "main") == series}
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -60,6 +60,26 @@ def pretrain_gap(runs, corpus, sizes, keys):
     ax.set_xscale("log")
     ax.set_xlabel("model parameters")
     ax.set_ylabel("held-out perplexity vs full-rank (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pretrain_longer(runs, corpus, size, keys):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    longer = _runs(runs, corpus, size, "longer")
+    main = _runs(runs, corpus, size)
+    for i, key in enumerate(keys):
+        if key not in longer:
+            continue
+        xs, ys = zip(*longer[key]["eval_curve"])
+        ax.plot(xs, ys, "o-", color=f"C{i}", ms=3, label=f"{key}, {longer[key]['steps']} steps")
+        if key in main:
+            ax.plot(main[key]["steps"], main[key]["held_out_loss"], "x", color=f"C{i}", ms=8)
+    ax.set_xlabel("step (crosses: the main run, whose schedule ends earlier)")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.set_title(f"{corpus}, {size}: a 4x longer budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -190,10 +210,10 @@ def delta_spectra(results, plan):
         s = row["singular_values"]
         ax.semilogy(range(1, len(s) + 1), [v / s[0] for v in s], lw=0.9, color=f"C{i % 10}", label=row["layer"])
         ranks = sorted(int(r) for r in row["best_capture"])
-        ax2.plot(ranks, [100 * row["best_capture"][r] for r in ranks], "o-", ms=3, lw=0.8, color=f"C{i % 10}")
+        ax2.plot(ranks, [100 * row["best_capture"][str(r)] for r in ranks], "o-", ms=3, lw=0.8, color=f"C{i % 10}")
     first = results["layers"][0]
     ranks = sorted(int(r) for r in first["random_capture"])
-    ax2.plot(ranks, [100 * first["random_capture"][r] for r in ranks], "k:", label="random subspace")
+    ax2.plot(ranks, [100 * first["random_capture"][str(r)] for r in ranks], "k:", label="random subspace")
     for key in (f"r{plan.ranks[0]}-s{plan.seeds[0]}", f"r{plan.ranks[1]}-s{plan.seeds[0]}"):
         r = int(key[1:].split("-")[0])
         vals = [100 * row["lora_capture"][key] for row in results["layers"]]

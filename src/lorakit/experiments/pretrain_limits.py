@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -71,6 +71,7 @@ class Plan:
     lr_full: float = 3e-3
     lr_lora: float = 1e-2
     lora_alpha: float = 32.0
+    lr_galore: float = 1e-2
     eval_points: int = 6
     eval_windows: int = 64
     relora_every: int = 100
@@ -78,6 +79,7 @@ class Plan:
     ckpt_steps: int = 8
     max_bytes: int | None = None
     replicate: tuple[str, Size, tuple[str, ...]] | None = None  # (corpus, size, method keys)
+    longer: tuple[Size, int, tuple[str, ...]] | None = None  # (size, steps, method keys): the budget's effect
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -95,15 +97,20 @@ def methods(ranks: tuple[int, ...], restart_rank: int) -> tuple[Method, ...]:
 FULL = Plan(
     sizes=(Size("0.06M", 32, 4, 2), Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4)),
     methods=methods((8, 32, 128), 32),
-    steps=200, batch=8, context=128, relora_every=50, galore_gap=50,
+    steps=200, batch=8, context=128, relora_every=50, galore_gap=50, lr_lora=3e-3,
     replicate=("python-stdlib", Size("0.2M", 64, 4, 2), ("full", "lora-r8", "lora-r32", "relora-r32", "galore-r32")),
-    extra={"lr_pilot": "learning rates from a pilot at 0.8M, 300 steps, held-out loss: full 3e-3 -> 2.02 vs 1e-2 -> 2.35; "
-                       "lora-r32 (s = 1) 1e-2 -> 3.12 vs 3e-2 -> 3.28; galore-r32 1e-2 -> 2.05 vs 3e-2 -> 1.98"},
+    longer=(Size("0.2M", 64, 4, 2), 800, ("full", "lora-r8", "lora-r32", "relora-r32", "galore-r32")),
+    extra={"lr_pilot": "learning rates from pilots, held-out loss. Full-rank at 0.8M, 300 steps x 16: 3e-3 -> 2.02, 1e-2 -> 2.35. "
+                       "LoRA factors (alpha 32) at 200 steps x 8: 0.2M lora-r32 1e-3 -> 2.40, 3e-3 -> 2.31, 1e-2 -> 3.03; "
+                       "0.8M lora-r32 1e-3 -> 2.25, 3e-3 -> 2.27, 1e-2 -> 3.22, lora-r8 3e-3 -> 2.25. "
+                       "GaLore at 0.8M, 300 steps x 16: 1e-2 -> 2.05, 3e-2 -> 1.98. The first LoRA pilot (1e-2, with the embeddings "
+                       "also at 1e-2) was misleading: too high a rate for the factors makes LoRA look far worse than it is here"},
 )
 QUICK = Plan(
     sizes=(Size("tiny", 32, 2, 2),),
     methods=methods((4, 16), 8),
     steps=16, batch=8, context=64, eval_points=2, eval_windows=8, relora_every=6, galore_gap=6, ckpt_steps=3,
+    longer=(Size("tiny", 32, 2, 2), 24, ("full", "lora-r4")),
     max_bytes=400_000,
 )
 
@@ -161,7 +168,7 @@ def configure(model: nn.Module, method: Method, plan: Plan):
         ids = {id(p) for p in matrices}
         rest = [p for p in model.parameters() if id(p) not in ids]
         return GaLoreAdamW(
-            [{"params": matrices, "rank": method.rank, "update_gap": plan.galore_gap, "scale": 0.25, "lr": plan.lr_lora},
+            [{"params": matrices, "rank": method.rank, "update_gap": plan.galore_gap, "scale": 0.25, "lr": plan.lr_galore},
              {"params": rest, "lr": plan.lr_full}],
             lr=plan.lr_full,
         )
@@ -257,24 +264,27 @@ def run(out, quick: bool, command: str) -> dict:
     report = Report("pretrain-limits", TITLE, command, quick)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
     corpus = corpora.load(plan.corpus, plan.max_bytes)
-    jobs = [(plan.corpus, s, m) for s in plan.sizes for m in plan.methods]
+    jobs = [("main", plan.corpus, s, m, plan) for s in plan.sizes for m in plan.methods]
     if plan.replicate:
         name, size, keys = plan.replicate
-        jobs += [(name, size, m) for m in plan.methods if m.key in keys]
+        jobs += [("replicate", name, size, m, plan) for m in plan.methods if m.key in keys]
+    if plan.longer:
+        size, steps, keys = plan.longer
+        jobs += [("longer", plan.corpus, size, m, replace(plan, steps=steps)) for m in plan.methods if m.key in keys]
     loaded = {plan.corpus: corpus}
-    total_steps = sum(plan.ckpt_steps if m.checkpointing else plan.steps for _, _, m in jobs)
+    total_steps = sum(p.ckpt_steps if m.checkpointing else p.steps for _, _, _, m, p in jobs)
     runs = []
     with tqdm(total=total_steps, desc="pretrain-limits", unit="step") as bar:
-        for corpus_name, size, method in jobs:
+        for series, corpus_name, size, method, job_plan in jobs:
             if corpus_name not in loaded:
                 loaded[corpus_name] = corpora.load(corpus_name, plan.max_bytes)
             c = loaded[corpus_name]
-            bar.set_postfix_str(f"{corpus_name} {size.name} {method.key}")
-            record = run_one(size, method, c, plan, c.eval_windows(plan.context, plan.eval_windows), bar)
-            record["corpus"] = corpus_name
+            bar.set_postfix_str(f"{series} {corpus_name} {size.name} {method.key}")
+            record = run_one(size, method, c, job_plan, c.eval_windows(plan.context, plan.eval_windows), bar)
+            record["corpus"], record["series"] = corpus_name, series
             runs.append(record)
     results = {
-        "plan": {k: v for k, v in plan.__dict__.items() if k not in ("sizes", "methods", "replicate")}
+        "plan": {k: v for k, v in plan.__dict__.items() if k not in ("sizes", "methods", "replicate", "longer")}
         | {"sizes": [s.__dict__ for s in plan.sizes], "methods": [m.key for m in plan.methods]},
         "corpora": {n: {"train_bytes": len(c.train), "held_out_bytes": len(c.held_out), "files": c.files} for n, c in loaded.items()},
         "runs": runs,
