@@ -237,7 +237,12 @@ def main() -> None:
                                 "load_average_at_start": os.getloadavg()}}
     if args.hot_load_only:
         h = hot_load_times(args.hot_load)
-        print(json.dumps({k: v for k, v in h.items()}, indent=1))
+        print(f"{len(h['load_ms'])} cold loads of {h['adapter']} into {h['model']}: wall median {h['median_ms']:.1f} ms "
+              f"(max {h['max_ms']:.1f}), CPU median {h['median_cpu_ms']:.1f} ms (max {h['max_cpu_ms']:.1f})")
+        path = Path(args.json).with_name("hot_load.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**record, "hot_load": h}, indent=2))
+        print(f"wrote {path}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         lines = corpus_lines()

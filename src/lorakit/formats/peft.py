@@ -250,10 +250,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     for path, (module, layer, parts, a_key, b_key, spec) in specs.items():
         if layer is not module:
             set_submodule(model, path, layer)
-        layer.add_adapter(name, spec)
+        layer.add_adapter(name, spec, factors=(parts[a_key], parts[b_key]))
         with torch.no_grad():
-            layer.lora_A[name].copy_(parts[a_key])
-            layer.lora_B[name].copy_(parts[b_key])
             if spec.use_dora:
                 layer.lora_magnitude[name].copy_(parts["lora_magnitude_vector"])
     for path, state in saved_state.items():

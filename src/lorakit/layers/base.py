@@ -73,7 +73,10 @@ class LoraLayer(nn.Module):
         return self._weight_2d().shape[1]
 
     # ----- adapters --------------------------------------------------------------------------
-    def add_adapter(self, name: str, spec: AdapterSpec, generator: torch.Generator | None = None) -> None:
+    def add_adapter(self, name: str, spec: AdapterSpec, generator: torch.Generator | None = None,
+                    factors: tuple[Tensor, Tensor] | None = None) -> None:
+        """Add adapter `name`, initialised per `spec.init`, or holding `factors` = (A, B) as given
+        (already shaped like lora_A / lora_B; used as storage when dtype and device match)."""
         if name in self.specs:
             raise LorakitError(f"adapter '{name}' already exists on this layer; delete it first or pick another name")
         if spec.use_dora and not self.supports_dora:
@@ -85,9 +88,12 @@ class LoraLayer(nn.Module):
             raise LorakitError("this layer holds a PiSSA adapter, which rewrote its base weight; delete it first")
         weight = self._weight_2d()
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
-        a = torch.empty(self._a_shape(spec.r), dtype=dtype, device=weight.device)
-        b = torch.zeros(self._b_shape(spec.r), dtype=dtype, device=weight.device)
-        self._init_pair(a, b, spec, generator)
+        if factors is not None:  # loading from a file: no initialisation to throw away
+            a, b = (t.detach().to(device=weight.device, dtype=dtype).contiguous() for t in factors)
+        else:
+            a = torch.empty(self._a_shape(spec.r), dtype=dtype, device=weight.device)
+            b = torch.zeros(self._b_shape(spec.r), dtype=dtype, device=weight.device)
+            self._init_pair(a, b, spec, generator)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.specs[name] = spec
