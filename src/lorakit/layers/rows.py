@@ -42,6 +42,7 @@ class SlotStack:
         self.dora: Tensor | None = None  # (capacity+1, d): DoRA's m/||W0+ΔW|| per slot, 1 elsewhere
         self.slot: dict[str, int] = {}
         self.free: list[int] = []
+        self.reserved = 8  # slots allocated up front; more double the stack (one copy each time)
         # name -> (A, B, m, versions): the exact tensors and versions the slot was copied from.
         # Holding the tensors (not their ids) means a deleted and re-added adapter is never
         # mistaken for the old one.
@@ -80,7 +81,7 @@ class SlotStack:
             self.seen[name] = (a, b, m, a._version, b._version, m_key, specs[name].scale)
 
     def _allocate(self, count: int, k: int, d: int, r_max: int, dtype: torch.dtype, device: torch.device) -> None:
-        capacity = max(count, 8)  # grows by doubling; each growth copies the stack once
+        capacity = max(count, self.reserved)
         self.a = torch.zeros((capacity + 1, r_max, k), dtype=dtype, device=device)
         self.b_t = torch.zeros((capacity + 1, r_max, d), dtype=dtype, device=device)
         self.dora = None
@@ -89,15 +90,19 @@ class SlotStack:
     def _slot_for(self, name: str, layer) -> int:
         if name in self.slot:
             return self.slot[name]
-        if not self.free:  # double the capacity, keeping every slot where it is
-            old = self.capacity
-            self.a = torch.cat([self.a, torch.zeros_like(self.a[1:])])
-            self.b_t = torch.cat([self.b_t, torch.zeros_like(self.b_t[1:])])
-            if self.dora is not None:
-                self.dora = torch.cat([self.dora, torch.ones_like(self.dora[1:])])
-            self.free = list(range(2 * old, old, -1))
+        if not self.free:
+            self._grow()
         self.slot[name] = self.free.pop()
         return self.slot[name]
+
+    def _grow(self) -> None:
+        """Double the capacity, keeping every slot where it is."""
+        old = self.capacity
+        self.a = torch.cat([self.a, torch.zeros_like(self.a[1:])])
+        self.b_t = torch.cat([self.b_t, torch.zeros_like(self.b_t[1:])])
+        if self.dora is not None:
+            self.dora = torch.cat([self.dora, torch.ones_like(self.dora[1:])])
+        self.free = list(range(2 * old, old, -1)) + self.free
 
     def _write(self, layer, name: str, slot: int) -> None:
         spec = layer.specs[name]
@@ -136,6 +141,16 @@ def _differentiable_stack(layer, names: list[str]) -> tuple[dict[str, int], Tens
         ones = a_rows[0].new_ones(layer.out_dim)
         dora = torch.stack([ones] + [layer.dora_scale(n) if n in layer.lora_magnitude else ones for n in names])
     return {n: i + 1 for i, n in enumerate(names)}, torch.stack(a_rows), torch.stack(b_rows).transpose(1, 2), dora
+
+
+def reserve(layer, slots: int) -> None:
+    """Make room for `slots` adapters in `layer`'s stack now, so later loads never pay for growth."""
+    if layer._row_stack is None:
+        layer._row_stack = SlotStack()
+    stack = layer._row_stack
+    stack.reserved = max(stack.reserved, slots)
+    while stack.a is not None and stack.capacity < slots:
+        stack._grow()
 
 
 def stacked(layer, used: list[str] | None = None) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
