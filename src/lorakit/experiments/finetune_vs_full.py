@@ -184,4 +184,11 @@ def verdicts(results: dict) -> str:
             if twin:
                 lines.append(f"6. **DoRA** r={d['r']}: {metric} {score(d, metric):.4g} vs LoRA r={d['r']} {score(twin, metric):.4g}, "
                              f"at {d['step_seconds'] / twin['step_seconds']:.2f}x the step time.")
+        head = runs.get("head-only")
+        if head is not None:
+            lines.append(
+                f"7. **Head only** (a baseline, not a document claim): {metric} {score(head, metric):.4g}. The head reads BERT's pooled "
+                "[CLS] vector, and all-MiniLM-L6-v2 was trained for mean-pooled sentence embeddings, so without adapting the body "
+                "the frozen features carry little usable sentiment in this budget; the adapters' gain over it is the body's adaptation."
+            )
     return "\n".join(lines)
