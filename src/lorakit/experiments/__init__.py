@@ -24,6 +24,8 @@ def run_experiment(name: str, out: str | Path | None = None, quick: bool = False
     if name not in EXPERIMENTS:
         raise LorakitError(f"experiment {name!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
     out = Path(out) if out is not None else Path("experiments") / name
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out {out} is a file; give a folder for the report")
     command = command or f"lorakit experiment {name}" + (" --quick" if quick else "") + f" --out {out}"
     module = importlib.import_module(f"{__name__}.{EXPERIMENTS[name]}")
     return module.run(out, quick, command)

@@ -117,7 +117,8 @@ def run(out, quick: bool, command: str) -> dict:
         }
         row["phi_seed_top_A"] = {f"r{big}": [subspace_similarity(a[b0], a[b1], i, i) for i in range(1, big + 1)]}
         layers.append(row)
-    results = {"plan": plan.__dict__, "runs": runs, "layers": layers, "task": task.description}
+    results = {"plan": plan.__dict__, "runs": runs, "layers": layers, "task": task.description,
+               "lr_full": task.lr_full, "lr_lora": task.lr_lora}
     write_report(report, results, plan)
     report.write(out, results)
     return results
@@ -128,7 +129,7 @@ def write_report(report: Report, results: dict, plan: Plan) -> None:
     s0, b0 = f"r{small}-s{plan.seeds[0]}", f"r{big}-s{plan.seeds[0]}"
     report.add(
         f"Task: {results['task']}. Every run: {plan.steps} steps x batch {plan.shape[0]}, same batches; full fine-tuning "
-        f"lr 5e-5, LoRA lr 1e-3 with alpha 16. Held-out accuracy: "
+        f"lr {results['lr_full']:g}, LoRA lr {results['lr_lora']:g} with alpha 16. Held-out accuracy: "
         + ", ".join(f"{r['key']} {r['held_out_accuracy']:.3f}" for r in results["runs"]) + "."
     )
     rows = []

@@ -85,7 +85,7 @@ def sentiment_task(max_train: int | None, max_eval: int, max_length: int = 64, b
     held, _ = encode(held_rows, tokenizer, "seq-cls", max_length, labels, "movie reviews")
     return Task(
         "sentiment", "seq-cls", path, ["query", "value"], ["classifier"], train, held, tokenizer.pad_token_id,
-        batch=batch, lr_full=5e-5, lr_lora=1e-3, num_labels=2, metric="accuracy",
+        batch=batch, lr_full=2e-4, lr_lora=1e-3, num_labels=2, metric="accuracy",
         description=f"all-MiniLM-L6-v2 + a new 2-way head on movie-review sentences ({len(train):,} train / {len(held):,} held-out, "
                     f"max {max_length} tokens); metric: held-out accuracy",
     )
@@ -104,7 +104,7 @@ def shakespeare_task(max_train: int | None, max_eval: int, max_length: int = 128
     held, _ = encode(held_rows[:max_eval], tokenizer, "causal-lm", max_length, None, "shakespeare")
     return Task(
         "shakespeare", "causal-lm", "smollm2-135m-instruct", ["q_proj", "v_proj"], None, train, held, tokenizer.pad_token_id,
-        batch=batch, lr_full=3e-5, lr_lora=1e-3, metric="perplexity",
+        batch=batch, lr_full=1e-4, lr_lora=1e-3, metric="perplexity",
         description=f"SmolLM2-135M-Instruct on Shakespeare speeches of 200+ characters ({len(train):,} train / {len(held):,} held-out "
                     f"from the unseen plays {', '.join(held_plays)}; max {max_length} tokens); metric: held-out perplexity",
     )
