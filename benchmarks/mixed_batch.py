@@ -17,6 +17,7 @@ Bars (issue 4), decode at 64 adapters: lorakit <= 1.3x base; lorakit's overhead 
 
     python benchmarks/mixed_batch.py                       # the run recorded in RESULTS.md
     python benchmarks/mixed_batch.py --rounds 1 --repeats 2 --prefill-repeats 1  # a quick look
+    python benchmarks/mixed_batch.py --kernels             # one layer's decode kernel vs gather + bmm
 """
 
 from __future__ import annotations
@@ -112,6 +113,43 @@ def forward(case: str, phase: str, models: dict, inputs: dict, n: int):
     return out.logits
 
 
+def kernel_times(rows: int = 64, adapters: int = 64, d: int = 768, repeats: int = 300) -> dict:
+    """One layer's LoRA delta for a decode step (one token per row, each row its own adapter):
+    the in-place decode kernel lorakit uses vs gathering each row's factors + two bmm calls."""
+    import torch.nn.functional as F
+
+    from lorakit.layers.rows import RowIndex, _delta_decode
+
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(adapters + 1, R, d, generator=generator)
+    b_t = torch.randn(adapters + 1, R, d, generator=generator)
+    x = torch.randn(rows, d, generator=generator)
+    weight = torch.randn(d, d, generator=generator)
+    index = RowIndex((tuple(i % adapters + 1 for i in range(rows)), x.device, R, adapters + 1))
+
+    def gathered():
+        xa = torch.bmm(x[:, None], a.index_select(0, index.slots).transpose(1, 2))
+        return torch.bmm(xa, b_t.index_select(0, index.slots))[:, 0]
+
+    def in_place():
+        return _delta_decode(index, x, a, b_t)
+
+    def base():
+        return F.linear(x, weight)  # the frozen layer itself, for scale
+
+    torch.testing.assert_close(in_place(), gathered(), atol=1e-4, rtol=1e-4)
+    result = {}
+    for name, fn in (("in_place_us", in_place), ("gather_bmm_us", gathered), ("base_linear_us", base)):
+        fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(1e6 * (time.perf_counter() - start))
+        result[name] = statistics.median(samples)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", default="1,4,16,64", help="distinct adapters per batch, comma-separated")
@@ -122,8 +160,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)")
     parser.add_argument("--json", default="benchmarks/results/mixed_batch.json")
+    parser.add_argument("--kernels", action="store_true", help="only time one layer's decode kernels (768x768, 64 rows, 64 adapters)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.kernels:
+        result = kernel_times()
+        print(", ".join(f"{k} {v:.0f}" for k, v in result.items()))
+        path = Path(args.json).with_name("mixed_batch_kernels.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "threads": args.threads,
+                                    "load_average": os.getloadavg(), **result}, indent=2))
+        print(f"wrote {path}")
+        return
     counts = [int(c) for c in args.adapters.split(",")]
     phases = args.phases.split(",")
 
