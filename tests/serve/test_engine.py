@@ -112,3 +112,12 @@ def test_hot_load_freezes_only_the_new_adapter(assets):
     cache.load("poet")
     layer = model.model.layers[0].self_attn.q_proj
     assert not layer.lora_A["poet"].requires_grad and model.lm_head.weight.requires_grad
+
+
+def test_server_closes_cleanly_without_ever_serving(assets):
+    from lorakit.serve import create_server
+
+    model_dir, adapters_dir, _ = assets
+    server = create_server(load_model(str(model_dir)), load_tokenizer(str(model_dir)), adapters_dir, port=0)
+    server.close()  # returns: the engine thread stops and the port is released
+    assert server.app.engine._thread is None

@@ -313,9 +313,19 @@ class Server(ThreadingHTTPServer):
         except OSError as err:
             raise LorakitError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
 
+    _serving = False
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._serving = False
+
     def close(self) -> None:
         """Stop accepting requests, finish the engine thread, release the port."""
-        self.shutdown()
+        if self._serving:  # shutdown() waits for serve_forever, so only when it runs
+            self.shutdown()
         self.server_close()
         self.app.engine.stop()
         log.info("served %s", self.app.engine.stats)
