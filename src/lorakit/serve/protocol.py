@@ -12,6 +12,9 @@ from ..errors import LorakitError
 from .sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI fields lorakit does not implement -> the values that mean "not used", which are accepted
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
+               "suffix": (None, ""), "tools": (None, [])}
 
 
 class ApiError(Exception):
@@ -55,9 +58,8 @@ def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _field(body, "model", (str,), required=True)
-    for name, bad in (("n", lambda v: v != 1), ("best_of", lambda v: v != 1), ("echo", bool),
-                      ("logprobs", lambda v: v not in (None, False, 0)), ("tools", bool), ("suffix", bool)):
-        if body.get(name) is not None and bad(body[name]):
+    for name, fine in UNSUPPORTED.items():
+        if body.get(name) not in fine:
             raise ApiError(400, f"'{name}' is not supported by lorakit serve; leave it out", param=name)
     max_tokens = _field(body, "max_tokens", (int,))
     if chat and max_tokens is None:
