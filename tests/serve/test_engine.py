@@ -102,16 +102,26 @@ def test_bad_requests_and_adapters_are_refused(assets, tmp_path):
     assert cache.available() == ["biased"] and not cache.loaded
 
 
-def test_hot_load_freezes_only_the_new_adapter(assets):
-    """The adapter cache loads with freeze=False: nothing but the new tensors changes requires_grad."""
+def test_hot_load_and_unload_touch_nothing_else(assets):
+    """Loads freeze only the new tensors (freeze=False); loads, unloads and mixed batches never
+    write a base weight (all adapters unloaded: the same state dict, bit for bit)."""
     _, adapters_dir, _ = assets
     model = build_model(320, 0)
     cache = AdapterCache(model, adapters_dir)
     assert not any(p.requires_grad for p in model.parameters())
     model.lm_head.weight.requires_grad_(True)  # someone's choice after start: hot loads leave it alone
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     cache.load("poet")
     layer = model.model.layers[0].self_attn.q_proj
     assert not layer.lora_A["poet"].requires_grad and model.lm_head.weight.requires_grad
+
+    cache.load("dora_bot")
+    cache.unload("poet")
+    with torch.no_grad(), lorakit.per_row(model, ["dora_bot", None]):
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    cache.unload("dora_bot")
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # base never written
 
 
 def test_server_closes_cleanly_without_ever_serving(assets):
