@@ -1,6 +1,7 @@
 """Tiny seeded models saved as Hugging Face folders, each with a tokenizer trained here (no downloads).
 
-Shared by tests/cli and tests/train (their conftest.py import the fixtures)."""
+Shared by tests/cli and tests/train: their modules import the fixtures (a conftest.py there would shadow
+tests/conftest.py, which other tests import as `conftest`)."""
 
 from __future__ import annotations
 

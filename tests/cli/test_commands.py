@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli.main import main
+from tiny_hf import data_files, tiny_models  # noqa: F401  (fixtures: tiny saved models, data files)
 
 
 @pytest.fixture

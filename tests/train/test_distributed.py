@@ -6,6 +6,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file
+from tiny_hf import data_files, tiny_models  # noqa: F401  (fixtures: tiny saved models, data files)
 
 
 def test_two_processes_match_one(tiny_models, data_files, tmp_path):

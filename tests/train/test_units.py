@@ -12,6 +12,7 @@ from lorakit.train.batches import StepPlan
 from lorakit.train.data import IGNORE, Example, collate, encode
 from lorakit.train.objective import loss_sum
 from lorakit.train.trainer import lr_factor
+from tiny_hf import data_files, tiny_models  # noqa: F401  (fixtures: tiny saved models, data files)
 
 
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 3), ("linear", 2), ("constant", 4)])

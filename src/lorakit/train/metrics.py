@@ -50,13 +50,17 @@ class MetricsLog:
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
         if train:
             steps, losses = zip(*train)
-            ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss (per step)")
-            window = max(1, len(losses) // 20)
-            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of {window})")
+            window = len(losses) // 20  # a running mean only once there are enough steps to smooth
+            if window > 1:
+                ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss (per step)")
+                smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+                ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of {window})")
+            else:
+                ax.plot(steps, losses, color="tab:blue", lw=1.5, label="train loss (per step)")
         if held:
             steps, losses = zip(*held)
-            ax.plot(steps, losses, "o--", color="tab:orange", lw=1.5, label="held-out loss")
+            style = "o--" if len(held) > 2 else "o"  # two far-apart points joined would suggest a path
+            ax.plot(steps, losses, style, color="tab:orange", lw=1.5, ms=7, label="held-out loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy loss")
         ax.set_title(title or "lorakit train")
