@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_llama, token_ids
+from tiny_models import randomize_adapter, tiny_llama, token_ids
 
 import lorakit
 from lorakit import LoraConfig, LorakitError

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import conv_net, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import conv_net, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 
 import lorakit

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import conv_inputs, conv_net, randomize_adapter, tiny_bert, tiny_llama, token_ids
+from tiny_models import conv_inputs, conv_net, randomize_adapter, tiny_bert, tiny_llama, token_ids
 
 import lorakit
 from lorakit import LoraConfig, LorakitError

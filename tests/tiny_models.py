@@ -1,11 +1,9 @@
-"""Tiny seeded models built from configs, shared by the tests."""
+"""Tiny seeded models built from configs, shared by the tests (imported as `tiny_models`)."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
-import pytest
 import torch
 from torch import nn
 
@@ -91,13 +89,3 @@ def randomize_adapter(model: nn.Module, name: str, seed: int = 0, std: float = 0
                     store[name].copy_(torch.randn(store[name].shape, generator=g) * std)
                 if name in layer.lora_magnitude:
                     layer.lora_magnitude[name].mul_(1 + 0.1 * torch.randn(layer.lora_magnitude[name].shape, generator=g))
-
-
-@pytest.fixture
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture
-def clone():
-    return copy.deepcopy

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import conv_inputs, conv_net, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import conv_inputs, conv_net, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -126,7 +126,7 @@ def assert_refused_and_unchanged(directory, match, model=None):
 
 def test_adapter_for_another_model_is_refused_naming_the_tensor(tmp_path):
     directory = saved(tmp_path)
-    from conftest import tiny_llama as make
+    from tiny_models import tiny_llama as make
 
     bigger = make()
     bigger.model.layers[1].self_attn.v_proj = torch.nn.Linear(32, 24, bias=False)
