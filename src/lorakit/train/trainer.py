@@ -290,6 +290,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     bar.close()
 
     if interrupted:
+        dist.barrier()  # rank 0 has written the checkpoint; leave together
         if dist.main:
             log.warning("stopped at step %d of %d; checkpoint saved to %s; continue with the same command and --resume",
                         step, max_steps, last_saved)
@@ -316,5 +317,6 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
         if cfg.plot:
             metrics.plot(out / "loss.png", title=f"lorakit train: {Path(cfg.model).name} on {Path(cfg.data).name}")
         log.info("adapter written to %s", adapter_dir)
+    dist.barrier()  # nobody tears the process group down while rank 0 is still writing
     return TrainResult(out, adapter_dir, step, False, eval_before, eval_after, time.perf_counter() - started, trainable, total,
                        run=run, model=model, tokenizer=tokenizer)
