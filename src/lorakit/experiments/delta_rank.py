@@ -80,7 +80,7 @@ def run(out, quick: bool, command: str) -> dict:
     with tqdm(total=plan.steps * len(variants), desc="delta-rank", unit="step") as bar:
         for variant, seed in variants:
             bar.set_postfix_str(f"{variant.key} seed {seed}")
-            record = finetune.train_variant(task, variant, plan.steps, seed=seed, bar=bar, keep_model=True)
+            record = finetune.train_variant(task, variant, plan.steps, seed=seed, bar=bar, keep_model=True, measure_costs=False)
             model = record.pop("model")
             key = variant.key if variant.kind == "full" else f"r{variant.r}-s{seed}"
             updates[key] = qv_updates(model, task.qv, before)

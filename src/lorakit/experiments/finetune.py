@@ -141,7 +141,9 @@ def batch_at(task: Task, step: int, seed: int) -> dict[str, torch.Tensor]:
     return collate([task.train[i] for i in rng.sample(range(len(task.train)), task.batch)], task.pad_id)
 
 
-def train_variant(task: Task, variant: Variant, steps: int, seed: int = 0, bar=None, keep_model: bool = False) -> dict:
+def train_variant(task: Task, variant: Variant, steps: int, seed: int = 0, bar=None, keep_model: bool = False,
+                  measure_costs: bool = True) -> dict:
+    """Train, evaluate on the held-out part and (with measure_costs) measure memory and checkpoint size."""
     torch.manual_seed(seed)
     model = task.load()
     total = sum(p.numel() for p in model.parameters())
@@ -167,8 +169,9 @@ def train_variant(task: Task, variant: Variant, steps: int, seed: int = 0, bar=N
             if bar is not None:
                 bar.update(1)
     memory = state_bytes(model, optimizer)
-    probe = batch_at(task, 0, seed)
-    memory["activations"] = activation_bytes(model, lambda: loss_sum(model, probe, task.task)[0])
+    if measure_costs:
+        probe = batch_at(task, 0, seed)
+        memory["activations"] = activation_bytes(model, lambda: loss_sum(model, probe, task.task)[0])
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     metrics = evaluate(model, task.held_out, task.task, 32, task.pad_id, torch.device("cpu"))
@@ -178,7 +181,7 @@ def train_variant(task: Task, variant: Variant, steps: int, seed: int = 0, bar=N
         "train_loss": losses, "held_out": metrics,
         "step_seconds": sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0],
         "memory": memory, "memory_accounted": accounted_total(memory), "measured_rss_rise": peak.rise,
-        "checkpoint_bytes": checkpoint_bytes(model, variant),
+        "checkpoint_bytes": checkpoint_bytes(model, variant) if measure_costs else None,
     }
     if keep_model:
         result["model"] = model
