@@ -80,15 +80,17 @@ class Embedding(nn.Embedding, LoRALayer):
         return result + (after_a @ self.lora_B.T) * self.scaling
 
 
-class Linear(nn.Linear, LoRALayer):
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                 fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+class _FactoredLinear(nn.Linear, LoRALayer):
+    """What loralib's Linear and MergedLinear share: a Linear (weight optionally stored transposed)
+    with factors A (rows x k) and B (cols x r) initialised as nn.Linear's weight and zero."""
+
+    def _setup(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, fan_in_fan_out: bool,
+               a_shape: tuple[int, int] | None, b_shape: tuple[int, int] | None) -> None:
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
         self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+        if a_shape is not None:
+            self.lora_A = nn.Parameter(self.weight.new_zeros(a_shape))
+            self.lora_B = nn.Parameter(self.weight.new_zeros(b_shape))
             self.scaling = self.lora_alpha / self.r
             self.weight.requires_grad = False
         self.reset_parameters()
@@ -103,6 +105,14 @@ class Linear(nn.Linear, LoRALayer):
 
     def _t(self, w: Tensor) -> Tensor:
         return w.T if self.fan_in_fan_out else w
+
+
+class Linear(_FactoredLinear):
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                 fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        shapes = ((r, in_features), (out_features, r)) if r > 0 else (None, None)
+        self._setup(r, lora_alpha, lora_dropout, merge_weights, fan_in_fan_out, *shapes)
 
     def delta_weight(self) -> Tensor:
         return self._t(self.lora_B @ self.lora_A) * self.scaling
@@ -114,38 +124,23 @@ class Linear(nn.Linear, LoRALayer):
         return result + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
 
-class MergedLinear(nn.Linear, LoRALayer):
+class MergedLinear(_FactoredLinear):
     """A fused projection (e.g. qkv) where only the slices with enable_lora[i] = True are adapted."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                  enable_lora: list[bool] = (False,), fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
         if out_features % len(enable_lora) != 0:
             raise LorakitError(f"len(enable_lora)={len(enable_lora)} must divide out_features={out_features}")
         self.enable_lora = list(enable_lora)
-        self.fan_in_fan_out = fan_in_fan_out
         n_on = sum(self.enable_lora)
+        shapes = (None, None)
         if r > 0 and n_on:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * n_on, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features // len(enable_lora) * n_on, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
+            shapes = ((r * n_on, in_features), (out_features // len(enable_lora) * n_on, r))
             lora_ind = torch.zeros(len(enable_lora), out_features // len(enable_lora), dtype=torch.bool)
             lora_ind[torch.tensor(self.enable_lora)] = True
             self.register_buffer("lora_ind", lora_ind.view(-1), persistent=False)
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.T
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-
-    def _t(self, w: Tensor) -> Tensor:
-        return w.T if self.fan_in_fan_out else w
+        self._setup(r, lora_alpha, lora_dropout, merge_weights, fan_in_fan_out, *shapes)
 
     def _active(self) -> bool:
         return self.r > 0 and any(self.enable_lora)
