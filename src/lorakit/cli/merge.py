@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
 
     from ..errors import LorakitError
-    from ..train.checkpoint import atomic_directory
+    from ..io import atomic_directory
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..io import write_json
+from ..io import atomic_directory, write_json
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -141,30 +139,10 @@ class Report:
         results["command"] = self.command
         results["wall_seconds"] = round(time.time() - self.started, 1)
         results["environment"] = {"machine": machine(), "versions": versions()}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        try:
+        with atomic_directory(out) as staging:
             for filename, fig in self.figures:
                 fig.savefig(staging / filename, dpi=110, bbox_inches="tight")
                 plt.close(fig)
             write_json(staging / "results.json", results)
             (staging / "report.md").write_text(self.render(results))
-            _swap_in(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return out
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace folder `out` by `staging` with renames only, so `out` is always complete."""
-    if out.exists() and not out.is_dir():
-        from ..errors import LorakitError
-
-        raise LorakitError(f"--out {out} is a file; give a folder for the report")
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}-old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

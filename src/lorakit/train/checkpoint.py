@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +23,10 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..formats import save_adapter
-from ..io import read_json, read_safetensors, write_json, write_safetensors
+from ..io import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
 
 FOLDER = "checkpoints"
 PREFIX = "step-"
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging dir; on success it replaces `target` whole, on error it vanishes."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield staging
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
