@@ -4,42 +4,90 @@ import json
 import math
 
 import pytest
+from torch import nn
 
 from lorakit.cli.main import main
+from lorakit.experiments.pretrain_methods import Size, build_model
+
+FILES = ("report.md", "results.json", "loss_curves.png", "gap_vs_size.png", "gap_vs_tokens.png", "rank_vs_steps.png",
+         "memory_time.png", "lr_sensitivity.png")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "report"
     assert main(["experiment", "pretrain-limits", "--quick", "--out", str(out)]) == 0
-    for name in ("report.md", "results.json", "loss_curves.png", "gap_vs_size.png", "memory_time.png", "update_rank.png", "longer_budget.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
-    return {r["method"]: r for r in data["runs"] if r["series"] == "main"}, (out / "report.md").read_text()
+    return data, {r["method"]: r for r in data["runs"] if r["series"] == "main"}, (out / "report.md").read_text()
+
+
+def _counts(data, rank):
+    """Trainable counts worked out from the model's shapes alone: (lora-only, lora) at rank `rank`.
+
+    A rank-r adapter on an m x n matrix (Linear or Embedding) holds r·(m + n) weights; norms are vectors.
+    """
+    size = Size(**data["plan"]["arms"][0]["size"])
+    model = build_model(size, data["plan"]["budget"]["context"], 0)
+    matrices = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    block = sum(rank * (a + b) for n, (a, b) in matrices.items() if ".layers." in n)
+    outer = [shape for n, shape in matrices.items() if ".layers." not in n]  # embeddings and head
+    assert len(outer) == 2
+    return block + sum(rank * (a + b) for a, b in outer) + norms, block + sum(a * b for a, b in outer) + norms
 
 
 def test_every_method_learned_something(results):
-    runs, report = results
+    _, runs, report = results
+    assert {"full", "full+ckpt"} <= set(runs) and {r["kind"] for r in runs.values()} >= {"lora-only", "lora", "relora", "galore"}
     for key, r in runs.items():
         if key.endswith("+ckpt"):
             continue
-        assert math.isfinite(r["held_out_loss"])
+        assert not r["diverged"] and math.isfinite(r["held_out_loss"]) and math.isfinite(r["held_out_ppl"])
         assert r["held_out_loss"] < math.log(256)  # better than a uniform guess over bytes
         assert r["train_loss"][-1] < r["train_loss"][0]
-    assert "Limited parameter space" in report and "Scalability" in report
+        assert len(r["eval_curve"]) == len(r["rank_curve"]) >= 2
+        assert all(math.isfinite(v) for _, v in r["rank_curve"])
+    for heading in ("Limited parameter space", "Limited expressiveness", "Training stability", "Scalability", "alternatives"):
+        assert heading in report
+    assert "nan" not in report.split("## The documents' claims")[1]
+
+
+def test_lora_only_freezes_every_matrix(results):
+    data, runs, _ = results
+    only = next(r for r in runs.values() if r["kind"] == "lora-only")
+    lora = runs[f"lora-r{only['rank']}"]
+    expected_only, expected_lora = _counts(data, only["rank"])
+    assert only["trainable"] == expected_only
+    assert lora["trainable"] == expected_lora
+    for r in runs.values():
+        if r["kind"] != "relora":
+            assert r["frozen_drift"] == 0.0, r["method"]
 
 
 def test_methods_differ_where_they_must(results):
-    runs, _ = results
+    data, runs, _ = results
     full = runs["full"]
-    lora = [r for k, r in runs.items() if r["kind"] == "lora"]
+    adapters = [r for r in runs.values() if r["kind"] in ("lora", "lora-only")]
     galore = next(r for r in runs.values() if r["kind"] == "galore")
-    assert all(r["trainable"] < full["trainable"] for r in lora)
-    assert all(r["memory"]["optimizer"] < full["memory"]["optimizer"] for r in lora + [galore])
+    assert all(r["trainable"] < full["trainable"] for r in adapters)
+    assert all(r["memory"]["optimizer"] < full["memory"]["optimizer"] for r in adapters + [galore])
     assert galore["trainable"] == full["trainable"]
-    # a LoRA adapter's update never exceeds its rank (embeddings are not block matrices)
-    assert all(r["update_rank90_mean"] <= r["rank"] for r in lora)
-    # checkpointing keeps fewer activations for the same model
-    assert runs["full+ckpt"]["memory"]["activations"] < full["memory"]["activations"]
+    # an adapter's update s·B·A never exceeds its rank; full-rank's does here
+    assert all(r["update_rank90_mean"] <= r["rank"] for r in adapters)
+    assert full["update_rank90_mean"] > max(r["rank"] for r in adapters)
     relora = next(r for r in runs.values() if r["kind"] == "relora")
-    assert relora["restarts"] >= 1
+    assert relora["restarts"] >= 1 and relora["frozen_drift"] > 0  # restarts merged into the frozen base
+    ckpt = runs["full+ckpt"]
+    assert ckpt["memory"]["activations"] < full["memory"]["activations"]
+    assert ckpt["steps"] == data["plan"]["budget"]["ckpt_steps"] and ckpt["trainable"] == full["trainable"]
+
+
+def test_series_ran(results):
+    data, _, report = results
+    series = {r["series"] for r in data["runs"]}
+    assert {"main", "longer", "lr"} <= series
+    scaled = [r for r in data["runs"] if r["series"] == "lr"]
+    assert scaled and all(r["lr_scale"] != 1.0 for r in scaled)
+    assert "Learning-rate sensitivity" in report and "longer budget" in report

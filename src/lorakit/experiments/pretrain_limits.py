@@ -1,291 +1,160 @@
 """pretrain-limits: why LoRA is a fine-tuning method and not a pre-training one, measured.
 
-Llama-style models of three sizes start from random weights and learn real text (Shakespeare's
-plays, byte-level) with the same token budget under each method:
+Llama-style byte-level models start from random weights and learn real text (Shakespeare's plays)
+under each method of pretrain_methods.py: full-rank, LoRA-only (every weight frozen at its random
+init, only the adapters learn), LoRA with trainable embeddings/norms/head, ReLoRA-style
+merge-and-restart and GaLore-style gradient projection, plus gradient checkpointing for memory.
 
-* full      every weight trains with AdamW (the reference);
-* +ckpt     the same with gradient checkpointing: activations are recomputed in backward, so
-            memory drops and time rises while the numbers stay identical (timed for a few steps);
-* lora-rN   the random W0 of every block matrix stays frozen and only s·B·A (rank N) learns, plus
-            embeddings, norms and the output head (as in the GaLore and ReLoRA papers' baselines);
-* relora    LoRA that every K steps merges B·A into W0 and restarts (rank can add up over cycles);
-* galore    every weight trains, but AdamW's moments live in a rank-N projection of the gradient.
+The documents give four reasons LoRA suits pre-training badly; each gets a measurement:
 
-The documents give four reasons LoRA suits pre-training badly: limited parameter space, limited
-expressiveness, training stability, scalability. Each is answered with a number: trainable
-parameters; the rank of the learned update W_final - W_init (how much of the space a method used);
-the roughness of the loss curve; and the held-out gap to full-rank as the model grows (the shape
-of the GaLore paper's Table 2). A replication on Python's standard library checks it is not
-specific to one corpus.
+* limited parameter space: trainable parameters, and LoRA-only against LoRA with trainable
+  embeddings/head (what is lost when the random init of those weights can never change);
+* limited expressiveness: rank90(W_t - W_0) of the learned update against steps - full-rank's
+  keeps growing while a LoRA adapter's is capped at r;
+* training stability: loss-curve roughness, and the held-out loss when every learning rate of a
+  method is scaled by 1/3 or 3 (how sharply each method punishes a mis-set rate);
+* scalability: the held-out gap to full-rank at fixed ranks as the width grows (r/d shrinks; the
+  shape of the GaLore paper's Table 2) and as training goes on (the gap against tokens seen, plus
+  a longer run at the smallest size, where the token budget per parameter gets closest to theirs).
+
+A small replication on Python's standard library checks that the picture is not one corpus's.
+Learning rates come from pilot runs recorded in the report (plan.extra["pilots"]).
 """
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from ..config import LoraConfig
-from ..inject import inject
-from ..optim import GaLoreAdamW, cosine_schedule
-from ..registry import lora_layers
 from . import corpora
-from .meter import PeakMemory, accounted_total, activation_bytes, state_bytes
-from .relora import jagged_factor, merge_and_restart
+from .pretrain_methods import Method, Rates, Size, method_list
 from .pretrain_report import write_report
+from .pretrain_train import Budget, run_one
 from .report import Report
-from .spectra import energy_rank
 
 TITLE = "pretrain-limits: full-rank vs LoRA vs ReLoRA vs GaLore when pre-training from scratch"
 
 
 @dataclass(frozen=True)
-class Size:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
+class Arm:
+    """One model size and the methods run on it, at that size's learning rates."""
+
+    size: Size
+    rates: Rates
+    methods: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class Method:
-    key: str
-    kind: str  # full | lora | relora | galore
-    rank: int | None = None
-    checkpointing: bool = False
+class Series:
+    """Extra runs beside the main grid: a longer budget, a learning-rate check, another corpus."""
+
+    name: str  # longer | lr | replicate
+    corpus: str
+    arm: Arm
+    budget: Budget
+    lr_scales: tuple[float, ...] = (1.0,)
 
 
 @dataclass
 class Plan:
-    sizes: tuple[Size, ...]
-    methods: tuple[Method, ...]
+    arms: tuple[Arm, ...]
+    budget: Budget
+    methods: dict[str, Method]
     corpus: str = "shakespeare"
-    steps: int = 300
-    batch: int = 16
-    context: int = 128
-    lr_full: float = 3e-3
-    lr_lora: float = 1e-2
-    lora_alpha: float = 32.0
-    lr_galore: float = 1e-2
-    eval_points: int = 6
     eval_windows: int = 64
-    relora_every: int = 100
-    galore_gap: int = 50
-    ckpt_steps: int = 8
     max_bytes: int | None = None
-    replicate: tuple[str, Size, tuple[str, ...]] | None = None  # (corpus, size, method keys)
-    longer: tuple[Size, int, tuple[str, ...]] | None = None  # (size, steps, method keys): the budget's effect
-    seed: int = 0
+    series: tuple[Series, ...] = ()
     extra: dict = field(default_factory=dict)
 
+    def jobs(self):
+        """(series, corpus, size, method, rates, budget, lr_scale) for every run, main grid first."""
+        for arm in self.arms:
+            for key in arm.methods:
+                yield "main", self.corpus, arm.size, self.methods[key], arm.rates, self.budget, 1.0
+        for s in self.series:
+            for scale in s.lr_scales:
+                for key in s.arm.methods:
+                    rates = replace(s.arm.rates, full=s.arm.rates.full * scale, lora=s.arm.rates.lora * scale,
+                                    galore=s.arm.rates.galore * scale)
+                    yield s.name, s.corpus, s.arm.size, self.methods[key], rates, s.budget, scale
 
-def methods(ranks: tuple[int, ...], restart_rank: int) -> tuple[Method, ...]:
-    return (
-        Method("full", "full"),
-        Method("full+ckpt", "full", checkpointing=True),
-        *(Method(f"lora-r{r}", "lora", r) for r in ranks),
-        Method(f"relora-r{restart_rank}", "relora", restart_rank),
-        Method(f"galore-r{restart_rank}", "galore", restart_rank),
-    )
 
-
+METHODS = {m.key: m for m in method_list(ranks=(8, 32), only_ranks=(8, 32), restart_rank=8)}
+S64, S128, S256 = Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4), Size("3.3M", 256, 4, 8)
+EVERY = ("full", "full+ckpt", "lora-only-r8", "lora-only-r32", "lora-r8", "lora-r32", "relora-r8", "galore-r8")
+FULL_BUDGET = Budget(steps=400, batch=8, context=128, eval_points=8, relora_every=100, ckpt_steps=8)
+R64 = Rates(full=3e-3, lora=3e-3, galore=1e-2)
+R128 = Rates(full=3e-3, lora=3e-3, galore=1e-2)
+R256 = Rates(full=1e-3, lora=3e-3, galore=1e-2)
 FULL = Plan(
-    sizes=(Size("0.06M", 32, 4, 2), Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4)),
-    methods=methods((8, 32, 128), 32),
-    steps=200, batch=8, context=128, relora_every=50, galore_gap=50, lr_lora=3e-3,
-    replicate=("python-stdlib", Size("0.2M", 64, 4, 2), ("full", "lora-r8", "lora-r32", "relora-r32", "galore-r32")),
-    longer=(Size("0.2M", 64, 4, 2), 800, ("full", "lora-r8", "lora-r32", "relora-r32", "galore-r32")),
-    extra={"lr_pilot": "learning rates from pilots, held-out loss. Full-rank at 0.8M, 300 steps x 16: 3e-3 -> 2.02, 1e-2 -> 2.35. "
-                       "LoRA factors (alpha 32) at 200 steps x 8: 0.2M lora-r32 1e-3 -> 2.40, 3e-3 -> 2.31, 1e-2 -> 3.03; "
-                       "0.8M lora-r32 1e-3 -> 2.25, 3e-3 -> 2.27, 1e-2 -> 3.22, lora-r8 3e-3 -> 2.25. "
-                       "GaLore at 0.8M, 300 steps x 16: 1e-2 -> 2.05, 3e-2 -> 1.98. The first LoRA pilot (1e-2, with the embeddings "
-                       "also at 1e-2) was misleading: too high a rate for the factors makes LoRA look far worse than it is here"},
+    arms=(Arm(S64, R64, EVERY), Arm(S128, R128, EVERY), Arm(S256, R256, ("full", "full+ckpt", "lora-only-r8", "lora-r8", "lora-r32"))),
+    budget=FULL_BUDGET,
+    methods=METHODS,
+    series=(
+        Series("longer", "shakespeare", Arm(S64, R64, ("full", "lora-r8", "lora-r32", "relora-r8", "galore-r8")),
+               replace(FULL_BUDGET, steps=1600, relora_every=200)),
+        Series("lr", "shakespeare", Arm(S64, R64, ("full", "lora-r8", "lora-only-r8")), FULL_BUDGET, (1 / 3, 3.0)),
+        Series("replicate", "python-stdlib", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8")), FULL_BUDGET),
+    ),
+    extra={"pilots": ""},
 )
+QUICK_SIZE = Size("tiny", 32, 2, 2)
+QUICK_METHODS = {m.key: m for m in method_list(ranks=(4,), only_ranks=(4,), restart_rank=4)}
+QUICK_RATES = Rates(full=3e-3, lora=3e-3, galore=1e-2, galore_gap=6)
+QUICK_BUDGET = Budget(steps=16, batch=8, context=64, eval_points=2, relora_every=6, ckpt_steps=3)
 QUICK = Plan(
-    sizes=(Size("tiny", 32, 2, 2),),
-    methods=methods((4, 16), 8),
-    steps=16, batch=8, context=64, eval_points=2, eval_windows=8, relora_every=6, galore_gap=6, ckpt_steps=3,
-    longer=(Size("tiny", 32, 2, 2), 24, ("full", "lora-r4")),
+    arms=(Arm(QUICK_SIZE, QUICK_RATES, tuple(QUICK_METHODS)),),
+    budget=QUICK_BUDGET,
+    methods=QUICK_METHODS,
+    eval_windows=8,
     max_bytes=400_000,
+    series=(
+        Series("longer", "shakespeare", Arm(QUICK_SIZE, QUICK_RATES, ("full", "lora-r4")), replace(QUICK_BUDGET, steps=24)),
+        Series("lr", "shakespeare", Arm(QUICK_SIZE, QUICK_RATES, ("full", "lora-r4")), replace(QUICK_BUDGET, steps=8), (3.0,)),
+    ),
 )
-
-
-def build_model(size: Size, context: int, seed: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=size.hidden, intermediate_size=int(size.hidden * 8 / 3) // 4 * 4,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    return LlamaForCausalLM(config)
-
-
-def block_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The effective weight of every attention/MLP matrix: base (+ live adapter's s·B·A)."""
-    adapted = dict(lora_layers(model))
-    out = {}
-    for path, module in model.named_modules():
-        if ".layers." not in f".{path}" or path.endswith(".base_layer"):
-            continue
-        if path in adapted:
-            layer = adapted[path]
-            w = layer.base_layer.weight.detach().float().clone()
-            if layer.live_adapter() is not None:
-                w += layer.delta_weight(layer.live_adapter()).detach().float()
-            out[path] = w
-        elif isinstance(module, nn.Linear):
-            out[path] = module.weight.detach().float().clone()
-    return out
-
-
-def configure(model: nn.Module, method: Method, plan: Plan):
-    """Inject adapters / set trainable weights, and build the optimizer for `method`."""
-    if method.kind in ("lora", "relora"):
-        # alpha fixed, so s = alpha / r: the LoRA paper's scaling, which keeps the size of an Adam
-        # step on s·B·A about the same at every rank (alpha = r would make r=128 steps 16x larger)
-        inject(model, LoraConfig(r=method.rank, alpha=plan.lora_alpha, target_modules="all-linear"), seed=plan.seed)
-        adapted = {p for p, _ in lora_layers(model)}
-        factors, rest = [], []
-        for name, param in model.named_parameters():
-            if any(name.startswith(a + ".") for a in adapted):
-                if param.requires_grad:
-                    factors.append(param)
-            else:
-                # embeddings, norms and the head train fully, at full-rank's learning rate
-                # (the GaLore and ReLoRA papers' LoRA baselines train them too)
-                param.requires_grad_(True)
-                rest.append(param)
-        return torch.optim.AdamW([{"params": factors, "lr": plan.lr_lora}, {"params": rest, "lr": plan.lr_full}], weight_decay=0.0)
-    if method.kind == "galore":
-        matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in f".{n}"]
-        ids = {id(p) for p in matrices}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        return GaLoreAdamW(
-            [{"params": matrices, "rank": method.rank, "update_gap": plan.galore_gap, "scale": 0.25, "lr": plan.lr_galore},
-             {"params": rest, "lr": plan.lr_full}],
-            lr=plan.lr_full,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=plan.lr_full, weight_decay=0.0)
-
-
-@torch.no_grad()
-def held_out_loss(model: nn.Module, windows: torch.Tensor, batch: int) -> float:
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(windows), batch):
-        chunk = windows[i : i + batch]
-        total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
-    model.train(was_training)
-    return total / len(windows)
-
-
-def roughness(losses: list[float]) -> float:
-    """Mean |step-to-step change| of the training loss over the second half: noise, spikes, restarts."""
-    tail = losses[len(losses) // 2 :]
-    return sum(abs(b - a) for a, b in zip(tail, tail[1:])) / max(1, len(tail) - 1)
-
-
-def run_one(size: Size, method: Method, corpus: corpora.Corpus, plan: Plan, windows: torch.Tensor, bar: tqdm) -> dict:
-    model = build_model(size, plan.context, plan.seed)
-    start = block_matrices(model)
-    total_params = sum(p.numel() for p in model.parameters())
-    optimizer = configure(model, method, plan)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if method.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    steps = plan.ckpt_steps if method.checkpointing else plan.steps
-    lr0 = {id(g): g["lr"] for g in optimizer.param_groups}
-    generator = torch.Generator().manual_seed(plan.seed + 1)  # every method sees the same batches
-    restart_gen = torch.Generator().manual_seed(plan.seed + 2)
-    warmup = max(1, steps // 10)
-    eval_at = {round(steps * (i + 1) / plan.eval_points) - 1 for i in range(plan.eval_points)}
-    losses, evals, times, restarts = [], [], [], 0
-    with PeakMemory() as peak:
-        for step in range(steps):
-            factor = cosine_schedule(step, steps, warmup)
-            if method.kind == "relora":
-                factor *= jagged_factor(step, plan.relora_every, max(2, plan.relora_every // 10))
-            for g in optimizer.param_groups:
-                g["lr"] = lr0[id(g)] * factor
-            batch = corpus.batch("train", plan.batch, plan.context, generator)
-            began = time.perf_counter()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # keep grads allocated: what a training step really holds
-            times.append(time.perf_counter() - began)
-            losses.append(loss.item())
-            if method.kind == "relora" and (step + 1) % plan.relora_every == 0 and step + 1 < steps:
-                merge_and_restart(model, "default", optimizer, restart_gen)
-                restarts += 1
-            if step in eval_at and not method.checkpointing:
-                evals.append((step + 1, held_out_loss(model, windows, plan.batch)))
-            bar.update(1)
-            if not math.isfinite(losses[-1]):
-                break
-    memory = state_bytes(model, optimizer)
-    probe = corpus.batch("train", plan.batch, plan.context, torch.Generator().manual_seed(0))
-    memory["activations"] = activation_bytes(model, lambda: model(input_ids=probe, labels=probe).loss)
-    result = {
-        "size": size.name, "method": method.key, "kind": method.kind, "rank": method.rank,
-        "params": total_params, "trainable": trainable, "steps": steps,
-        "tokens": steps * plan.batch * plan.context,
-        "step_seconds": sum(times[2:]) / max(1, len(times) - 2) if len(times) > 2 else sum(times) / len(times),
-        "memory": memory, "memory_accounted": accounted_total(memory),
-        "measured_rss_rise": peak.rise, "restarts": restarts,
-    }
-    if method.checkpointing:
-        return result
-    end = block_matrices(model)
-    ranks = [energy_rank(end[k] - start[k], 0.9) for k in start]
-    full_ranks = [min(start[k].shape) for k in start]
-    final = evals[-1][1] if evals else float("nan")
-    result.update({
-        "train_loss": losses, "eval_curve": evals, "held_out_loss": final,
-        "held_out_ppl": math.exp(final) if math.isfinite(final) else float("nan"),
-        "roughness": roughness(losses),
-        "update_rank90_mean": sum(ranks) / len(ranks), "update_rank_max_possible": sum(full_ranks) / len(full_ranks),
-    })
-    return result
 
 
 def run(out, quick: bool, command: str) -> dict:
     plan = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    if quick:
+        torch.set_num_threads(1)  # smoke-sized models: a second thread only adds contention on a shared machine
+    try:
+        return _run(plan, out, quick, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(plan: Plan, out, quick: bool, command: str) -> dict:
     report = Report("pretrain-limits", TITLE, command, quick)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
-    corpus = corpora.load(plan.corpus, plan.max_bytes)
-    jobs = [("main", plan.corpus, s, m, plan) for s in plan.sizes for m in plan.methods]
-    if plan.replicate:
-        name, size, keys = plan.replicate
-        jobs += [("replicate", name, size, m, plan) for m in plan.methods if m.key in keys]
-    if plan.longer:
-        size, steps, keys = plan.longer
-        jobs += [("longer", plan.corpus, size, m, replace(plan, steps=steps)) for m in plan.methods if m.key in keys]
-    loaded = {plan.corpus: corpus}
-    total_steps = sum(p.ckpt_steps if m.checkpointing else p.steps for _, _, _, m, p in jobs)
+    jobs = list(plan.jobs())
+    loaded: dict[str, corpora.Corpus] = {}
+    total_steps = sum(b.ckpt_steps if m.checkpointing else b.steps for _, _, _, m, _, b, _ in jobs)
     runs = []
     with tqdm(total=total_steps, desc="pretrain-limits", unit="step") as bar:
-        for series, corpus_name, size, method, job_plan in jobs:
+        for series, corpus_name, size, method, rates, budget, scale in jobs:
             if corpus_name not in loaded:
                 loaded[corpus_name] = corpora.load(corpus_name, plan.max_bytes)
-            c = loaded[corpus_name]
-            bar.set_postfix_str(f"{series} {corpus_name} {size.name} {method.key}")
-            record = run_one(size, method, c, job_plan, c.eval_windows(plan.context, plan.eval_windows), bar)
-            record["corpus"], record["series"] = corpus_name, series
+            corpus = loaded[corpus_name]
+            bar.set_postfix_str(f"{series} {corpus_name} {size.name} {method.key}" + (f" lr x{scale:.2g}" if scale != 1 else ""))
+            windows = corpus.eval_windows(budget.context, plan.eval_windows)
+            record = run_one(size, method, rates, budget, corpus, windows, bar)
+            record.update({"corpus": corpus_name, "series": series, "lr_scale": scale,
+                           "rates": {"full": rates.full, "lora": rates.lora, "galore": rates.galore}})
             runs.append(record)
     results = {
-        "plan": {k: v for k, v in plan.__dict__.items() if k not in ("sizes", "methods", "replicate", "longer")}
-        | {"sizes": [s.__dict__ for s in plan.sizes], "methods": [m.key for m in plan.methods]},
+        "plan": {
+            "corpus": plan.corpus, "budget": plan.budget.__dict__ | {"tokens": plan.budget.tokens},
+            "eval_windows": plan.eval_windows, "max_bytes": plan.max_bytes, "extra": plan.extra,
+            "arms": [{"size": a.size.__dict__, "rates": a.rates.__dict__, "methods": list(a.methods)} for a in plan.arms],
+            "series": [{"name": s.name, "corpus": s.corpus, "size": s.arm.size.name, "methods": list(s.arm.methods),
+                        "budget": s.budget.__dict__, "lr_scales": list(s.lr_scales)} for s in plan.series],
+        },
         "corpora": {n: {"train_bytes": len(c.train), "held_out_bytes": len(c.held_out), "files": c.files} for n, c in loaded.items()},
         "runs": runs,
     }

@@ -1,0 +1,151 @@
+"""pretrain-limits' figures: loss curves, the gap to full-rank against size and against tokens seen,
+rank90(W_t - W_0) against steps, learning-rate sensitivity, and memory/time per step.
+
+The gap of a method m is held-out perplexity relative to full-rank on the same run series,
+gap = ppl_m / ppl_full - 1 = exp(loss_m - loss_full) - 1 (losses in nats per byte), so it can be read at
+every evaluation step, not only at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .plots import plt, smooth
+
+
+def series_runs(runs, series, corpus, size, scale=1.0):
+    """{method: run} for one (series, corpus, size, lr scale)."""
+    return {r["method"]: r for r in runs if r["series"] == series and r["corpus"] == corpus and r["size"] == size
+            and math.isclose(r["lr_scale"], scale)}
+
+
+def gap_curve(run, full):
+    """[(tokens seen, gap in %)] at the evaluation steps both runs share."""
+    ref = dict(full["eval_curve"])
+    per_step = run["tokens"] / run["steps"]
+    return [(s * per_step, 100 * (math.exp(loss - ref[s]) - 1)) for s, loss in run["eval_curve"] if s in ref]
+
+
+def _color(keys, key):
+    return f"C{list(keys).index(key) % 10}"
+
+
+def loss_curves(runs, corpus, sizes, keys):
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        by = series_runs(runs, "main", corpus, size)
+        for key in keys:
+            r = by.get(key)
+            if r is None or "train_loss" not in r:
+                continue
+            losses = r["train_loss"]
+            ax.plot(range(1, len(losses) + 1), smooth(losses, max(1, len(losses) // 30)), color=_color(keys, key), lw=1.1, label=key)
+            if r["eval_curve"]:
+                xs, ys = zip(*r["eval_curve"])
+                ax.plot(xs, ys, "o--", color=_color(keys, key), ms=3, lw=0.7)
+        ax.set_title(f"{corpus}, {size} ({by['full']['params']:,} params)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/byte); dots = held-out")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def gap_vs_size(runs, corpus, sizes, keys):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key in keys:
+        if key == "full":
+            continue
+        pts = []
+        for s in sizes:
+            by = series_runs(runs, "main", corpus, s)
+            if key in by:
+                pts.append((by["full"]["params"], 100 * (by[key]["held_out_ppl"] / by["full"]["held_out_ppl"] - 1)))
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "o-" if key.startswith("lora-only") else "s--", color=_color(keys, key), label=key)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model parameters")
+    ax.set_ylabel("held-out perplexity vs full-rank (%)")
+    ax.set_title("gap to full-rank at the same token budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def gap_vs_tokens(runs, corpus, panels, keys):
+    """One panel per (series, size): the gap to that series' own full-rank run at every evaluation."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (series, size) in zip(axes[0], panels):
+        by = series_runs(runs, series, corpus, size)
+        for key in keys:
+            if key == "full" or key not in by or "eval_curve" not in by[key]:
+                continue
+            xs, ys = zip(*gap_curve(by[key], by["full"]))
+            ax.plot(xs, ys, "o-", ms=3, color=_color(keys, key), label=key)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("tokens seen (bytes)")
+        ax.set_ylabel("held-out ppl vs full-rank (%)")
+        ax.set_title(f"{size}, {series} run ({by['full']['steps']} steps)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def rank_vs_steps(runs, corpus, panels, keys):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (series, size) in zip(axes[0], panels):
+        by = series_runs(runs, series, corpus, size)
+        for key in keys:
+            if key not in by or not by[key].get("rank_curve"):
+                continue
+            xs, ys = zip(*by[key]["rank_curve"])
+            ax.plot(xs, ys, "o-", ms=3, color=_color(keys, key), label=key)
+        for r in sorted({by[k]["rank"] for k in by if by[k]["rank"]}):
+            ax.axhline(r, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel("step")
+        ax.set_ylabel("rank90(W_t - W_0), mean over block matrices")
+        ax.set_title(f"{size}, {series} run (max rank {by['full']['update_rank_max_possible']:.0f}; dotted: r)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def lr_sensitivity(table):
+    """table: {method: [(lr scale, held-out loss)]}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (key, pts) in enumerate(table.items()):
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, "o-", color=f"C{i}", label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning-rate scale (x every rate of the method)")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def memory_time(runs, corpus, size, keys):
+    by = series_runs(runs, "main", corpus, size)
+    keys = [k for k in keys if k in by]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(keys)
+    for j, part in enumerate(("weights", "grads", "optimizer", "activations")):
+        vals = [by[k]["memory"][part] / 1e6 for k in keys]
+        ax.bar(keys, vals, bottom=bottom, label=part, color=f"C{j}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("accounted training memory (MB)")
+    ax.set_title(f"{corpus}, {size}")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", rotation=45)
+    ax2.bar(keys, [1000 * by[k]["step_seconds"] for k in keys], color="C4")
+    ax2.set_ylabel("time per step (ms)")
+    ax2.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig
