@@ -77,29 +77,44 @@ class Plan:
         for s in self.series:
             for scale in s.lr_scales:
                 for key in s.arm.methods:
-                    rates = replace(s.arm.rates, full=s.arm.rates.full * scale, lora=s.arm.rates.lora * scale,
-                                    galore=s.arm.rates.galore * scale)
-                    yield s.name, s.corpus, s.arm.size, self.methods[key], rates, s.budget, scale
+                    yield s.name, s.corpus, s.arm.size, self.methods[key], s.arm.rates.scaled(scale), s.budget, scale
 
 
 METHODS = {m.key: m for m in method_list(ranks=(8, 32), only_ranks=(8, 32), restart_rank=8)}
 S64, S128, S256 = Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4), Size("3.3M", 256, 4, 8)
 EVERY = ("full", "full+ckpt", "lora-only-r8", "lora-only-r32", "lora-r8", "lora-r32", "relora-r8", "galore-r8")
 FULL_BUDGET = Budget(steps=400, batch=8, context=128, eval_points=8, relora_every=100, ckpt_steps=8)
-R64 = Rates(full=3e-3, lora=3e-3, galore=1e-2)
-R128 = Rates(full=3e-3, lora=3e-3, galore=1e-2)
-R256 = Rates(full=1e-3, lora=3e-3, galore=1e-2)
+# rates from the pilots below: each method's best of the rates tried at 0.8M and 3.3M; 0.2M keeps 3e-3, and the
+# "lr" series (x1/3, x3 at 0.2M) shows whether that was a fair choice for full-rank and both LoRA arms
+R64 = Rates(full=3e-3, lora=3e-3, galore=1e-2, lora_only=3e-3)
+R128 = Rates(full=3e-3, lora=1e-3, galore=1e-2, lora_only=3e-3)
+R256 = Rates(full=1e-3, lora=1e-3, galore=1e-2, lora_only=3e-3)
+PILOTS = [  # (size, method, rate varied, lr, held-out loss after 200 steps x 8 x 128 bytes)
+    ("0.8M", "full", "all weights", 1e-3, 2.365), ("0.8M", "full", "all weights", 3e-3, 2.283),
+    ("0.8M", "full", "all weights", 1e-2, 2.604),
+    ("0.8M", "lora-only-r8", "LoRA factors", 1e-3, 2.555), ("0.8M", "lora-only-r8", "LoRA factors", 3e-3, 2.431),
+    ("0.8M", "lora-only-r8", "LoRA factors", 1e-2, 2.664), ("0.8M", "lora-only-r8", "LoRA factors", 3e-2, 3.273),
+    ("0.8M", "lora-r8", "LoRA factors", 1e-3, 2.239), ("0.8M", "lora-r8", "LoRA factors", 3e-3, 2.250),
+    ("0.8M", "lora-r8", "LoRA factors", 1e-2, 2.960),
+    ("0.8M", "galore-r8", "projected matrices", 3e-3, 2.547), ("0.8M", "galore-r8", "projected matrices", 1e-2, 2.416),
+    ("0.8M", "galore-r8", "projected matrices", 3e-2, 2.412),
+    ("3.3M", "full", "all weights", 1e-3, 2.268), ("3.3M", "full", "all weights", 3e-3, 2.367),
+    ("3.3M", "lora-only-r8", "LoRA factors", 1e-3, 2.459), ("3.3M", "lora-only-r8", "LoRA factors", 3e-3, 2.366),
+    ("3.3M", "lora-only-r8", "LoRA factors", 1e-2, 3.168),
+    ("3.3M", "lora-r8", "LoRA factors", 1e-3, 2.282), ("3.3M", "lora-r8", "LoRA factors", 3e-3, 2.670),
+]
 FULL = Plan(
-    arms=(Arm(S64, R64, EVERY), Arm(S128, R128, EVERY), Arm(S256, R256, ("full", "full+ckpt", "lora-only-r8", "lora-r8", "lora-r32"))),
+    arms=(Arm(S64, R64, EVERY), Arm(S128, R128, EVERY), Arm(S256, R256, ("full", "full+ckpt", "lora-only-r8", "lora-r8"))),
     budget=FULL_BUDGET,
     methods=METHODS,
     series=(
-        Series("longer", "shakespeare", Arm(S64, R64, ("full", "lora-r8", "lora-r32", "relora-r8", "galore-r8")),
-               replace(FULL_BUDGET, steps=1600, relora_every=200)),
-        Series("lr", "shakespeare", Arm(S64, R64, ("full", "lora-r8", "lora-only-r8")), FULL_BUDGET, (1 / 3, 3.0)),
+        Series("longer", "shakespeare", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8", "relora-r8", "galore-r8")),
+               replace(FULL_BUDGET, steps=1200, relora_every=200)),
+        Series("lr", "shakespeare", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8")), FULL_BUDGET, (1 / 3, 3.0)),
         Series("replicate", "python-stdlib", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8")), FULL_BUDGET),
     ),
-    extra={"pilots": ""},
+    extra={"pilots": [{"size": p[0], "method": p[1], "rate varied": p[2], "lr": p[3], "held-out loss, 200 steps": p[4]}
+                      for p in PILOTS]},
 )
 QUICK_SIZE = Size("tiny", 32, 2, 2)
 QUICK_METHODS = {m.key: m for m in method_list(ranks=(4,), only_ranks=(4,), restart_rank=4)}
@@ -145,7 +160,7 @@ def _run(plan: Plan, out, quick: bool, command: str) -> dict:
             windows = corpus.eval_windows(budget.context, plan.eval_windows)
             record = run_one(size, method, rates, budget, corpus, windows, bar)
             record.update({"corpus": corpus_name, "series": series, "lr_scale": scale,
-                           "rates": {"full": rates.full, "lora": rates.lora, "galore": rates.galore}})
+                           "rates": dict(rates.__dict__)})
             runs.append(record)
     results = {
         "plan": {

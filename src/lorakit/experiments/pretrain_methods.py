@@ -19,7 +19,7 @@ s·B·A by about the same amount at every rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -51,14 +51,24 @@ class Method:
 
 @dataclass(frozen=True)
 class Rates:
-    """Peak learning rates: full-rank weights, LoRA factors, GaLore's projected matrices."""
+    """Peak learning rates: full-rank weights, LoRA factors, GaLore's projected matrices.
+
+    lora-only gets its own factor rate (lora_only, default: lora): with every matrix frozen, its adapters
+    carry all of the learning, and the pilots found it wants a different rate from lora-rN's.
+    """
 
     full: float
     lora: float
     galore: float
+    lora_only: float | None = None
     lora_alpha: float = 32.0
     galore_scale: float = 0.25
     galore_gap: int = 50
+
+    def scaled(self, factor: float) -> "Rates":
+        """Every learning rate times `factor` (the learning-rate sensitivity series)."""
+        only = None if self.lora_only is None else self.lora_only * factor
+        return replace(self, full=self.full * factor, lora=self.lora * factor, galore=self.galore * factor, lora_only=only)
 
 
 def method_list(ranks: tuple[int, ...], only_ranks: tuple[int, ...], restart_rank: int) -> tuple[Method, ...]:
@@ -125,7 +135,8 @@ def configure(model: nn.Module, method: Method, rates: Rates, seed: int) -> torc
                 # lora / relora: embeddings, norms and head train fully; lora-only: only the norm gains
                 param.requires_grad_(True)
                 rest.append(param)
-        return torch.optim.AdamW([{"params": factors, "lr": rates.lora}, {"params": rest, "lr": rates.full}], weight_decay=0.0)
+        factor_lr = rates.lora_only if method.kind == "lora-only" and rates.lora_only is not None else rates.lora
+        return torch.optim.AdamW([{"params": factors, "lr": factor_lr}, {"params": rest, "lr": rates.full}], weight_decay=0.0)
     if method.kind == "galore":
         matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in f".{n}"]
         ids = {id(p) for p in matrices}

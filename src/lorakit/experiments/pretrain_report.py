@@ -73,7 +73,8 @@ def _intro(report: Report, results: dict, plan) -> None:
     b, c = plan.budget, results["corpora"][plan.corpus]
     rates = "; ".join(
         f"{a.size.name} (hidden {a.size.hidden}, {a.size.layers} layers, {a.size.heads} heads): full-rank {a.rates.full:g}, "
-        f"LoRA factors {a.rates.lora:g}, GaLore matrices {a.rates.galore:g}" for a in plan.arms)
+        f"LoRA factors {a.rates.lora:g}" + (f" (lora-only {a.rates.lora_only:g})" if a.rates.lora_only is not None else "")
+        + f", GaLore matrices {a.rates.galore:g}" for a in plan.arms)
     a0 = plan.arms[0].rates
     report.add(
         f"Each model starts from random weights and sees the same {b.tokens:,} byte-level tokens ({b.steps} steps x {b.batch} "
