@@ -104,7 +104,7 @@ def shakespeare_task(max_train: int | None, max_eval: int, max_length: int = 128
     held, _ = encode(held_rows[:max_eval], tokenizer, "causal-lm", max_length, None, "shakespeare")
     return Task(
         "shakespeare", "causal-lm", "smollm2-135m-instruct", ["q_proj", "v_proj"], None, train, held, tokenizer.pad_token_id,
-        batch=batch, lr_full=1e-4, lr_lora=1e-3, metric="perplexity",
+        batch=batch, lr_full=1e-4, lr_lora=3e-3, metric="perplexity",
         description=f"SmolLM2-135M-Instruct on Shakespeare speeches of 200+ characters ({len(train):,} train / {len(held):,} held-out "
                     f"from the unseen plays {', '.join(held_plays)}; max {max_length} tokens); metric: held-out perplexity",
     )
