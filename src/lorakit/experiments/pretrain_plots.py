@@ -85,9 +85,9 @@ def gap_vs_tokens(runs, corpus, panels, keys):
             if key == "full" or key not in by or "eval_curve" not in by[key]:
                 continue
             xs, ys = zip(*gap_curve(by[key], by["full"]))
-            ax.plot(xs, ys, "o-", ms=3, color=_color(keys, key), label=key)
+            ax.plot([x / 1e3 for x in xs], ys, "o-", ms=3, color=_color(keys, key), label=key)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel("tokens seen (bytes)")
+        ax.set_xlabel("tokens seen (thousands of bytes)")
         ax.set_ylabel("held-out ppl vs full-rank (%)")
         ax.set_title(f"{size}, {series} run ({by['full']['steps']} steps)")
         ax.grid(alpha=0.3)
@@ -123,6 +123,9 @@ def lr_sensitivity(table):
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, "o-", color=f"C{i}", label=key)
     ax.set_xscale("log")
+    scales = sorted({x for pts in table.values() for x, _ in pts})
+    ax.set_xticks(scales, [f"x{x:.2g}" for x in scales])
+    ax.minorticks_off()
     ax.set_xlabel("learning-rate scale (x every rate of the method)")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.grid(alpha=0.3)

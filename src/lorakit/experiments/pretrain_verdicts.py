@@ -6,10 +6,11 @@ measured values, never written in advance:
 * parameter space   - lora-only's held-out gap g = ppl_m / ppl_full - 1 at every size, against
                       a materiality threshold M (agrees if g > M everywhere, disagrees if g <= M everywhere);
 * expressiveness    - the mechanism holds if full-rank's own update has rank90(W_t - W_0) > r, and it
-                      costs quality if lora-rN's gap exceeds M;
-* stability         - the spread of held-out loss over learning-rate scales, LoRA against full-rank,
-                      plus divergences and loss-curve roughness;
-* scalability       - the change of the gap from the smallest to the largest size (and with a longer budget).
+                      costs quality if raising r (r8 -> r32) lowers the gap by more than M;
+* stability         - a learning-rate cliff (held-out loss spread over lr scales > 1.5x full-rank's, or a
+                      divergence) and loss-curve noise (roughness > 1.2x full-rank's); both = agrees, one = partly;
+* scalability       - the change of the gap from the smallest to the largest size, and from the main budget to
+                      the longer one: agrees if every such change exceeds +M, partly if some do.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def verdicts(runs, plan, sizes, trained, material: float) -> str:
         state = ("falls behind full-rank" if lo > material else "matches full-rank within noise" if max(abs(lo), abs(hi)) <= material
                  else "lands near full-rank in some cells and behind in others" if hi > material else "does at least as well as full-rank")
         head.append(f"{name} {state} (gap {pct(lo)}" + (f" to {pct(hi)} over sizes and ranks)" if hi != lo else ")"))
+    for sr in plan.series:
+        if sr.name == "longer":
+            size = sr.arm.size.name
+            moved = [f"{k} {pct(g(k, size))} -> {pct(g(k, size, 'longer', sr.corpus))}" for k in sr.arm.methods
+                     if kinds.get(k) in ("lora-only", "lora") and find(runs, "longer", sr.corpus, size, k)]
+            if moved:
+                head.append(f"with {sr.budget.steps / plan.budget.steps:g}x the tokens at {size}: " + ", ".join(moved))
     lines.append("**In short:** " + "; ".join(head) + f". A gap within +/-{material:g}% is read as noise (single seeds).\n")
 
     # --- 1. parameter space
@@ -71,64 +79,80 @@ def verdicts(runs, plan, sizes, trained, material: float) -> str:
                if closes else "Training the embeddings and head does not close the gap materially." if hi > material
                else "")
         )
-    # --- 2. expressiveness
+    # --- 2. expressiveness: does full-rank's update outgrow r, and does a larger r buy quality?
     f_big = find(runs, "main", corpus, big, "full")
-    curve = f_big["rank_curve"]
     r_min = min(plan.methods[k].rank for k in lora + only) if lora + only else None
-    if r_min is not None and curve:
-        rank_full = f_big["update_rank90_mean"]
-        mech = rank_full > r_min
-        costs = [k for k in lora if g(k, big) > material]
-        higher = [(a, b) for a in lora for b in lora if plan.methods[a].rank < plan.methods[b].rank
-                  and find(runs, "main", corpus, big, a) and find(runs, "main", corpus, big, b)]
-        word = ("agrees" if mech and costs else "the mechanism is there but it does not cost quality here" if mech
+    if r_min is not None and f_big["rank_curve"]:
+        mech = f_big["update_rank90_mean"] > r_min
+        steps = [(s, a, b) for s in sizes for grp in (only, lora) for a in grp for b in grp
+                 if plan.methods[a].rank < plan.methods[b].rank and find(runs, "main", corpus, s, a) and find(runs, "main", corpus, s, b)]
+        helps = [(s, a, b) for s, a, b in steps if g(a, s) - g(b, s) > material]
+        word = ("agrees" if mech and helps else "the mechanism is there but it does not cost quality here" if mech
                 else "disagrees: full-rank's own update is within reach of rank r")
+        full_ranks = ", ".join(f"{find(runs, 'main', corpus, s, 'full')['update_rank90_mean']:.1f} at {s}" for s in sizes)
         adapters = ", ".join(f"{k} {find(runs, 'main', corpus, big, k)['update_rank90_mean']:.1f}"
                              for k in trained if k != "full" and find(runs, "main", corpus, big, k))
+        longer = [(s, find(runs, "main", s.corpus, s.arm.size.name, "full"), find(runs, "longer", s.corpus, s.arm.size.name, "full"))
+                  for s in plan.series if s.name == "longer"]
         lines.append(
-            f"2. **Limited expressiveness: {word}.** At {big}, full-rank training moved its block matrices by an update of "
-            f"rank90 {rank_full:.1f} (of at most {f_big['update_rank_max_possible']:.0f}; {curve[0][1]:.1f} at step "
-            f"{curve[0][0]}, {curve[-1][1]:.1f} at step {curve[-1][0]}); the other methods: {adapters}. A LoRA adapter cannot exceed r, "
-            "ReLoRA's merges and GaLore's moving subspace can. "
-            + "".join(f"Raising the rank from {a} to {b} moves the gap from {pct(g(a, big))} to {pct(g(b, big))}. " for a, b in higher)
+            f"2. **Limited expressiveness: {word}.** Full-rank training's update W_t - W_0 needs rank90 {full_ranks} "
+            "(it grows with width"
+            + "".join(f", and with training: {m['update_rank90_mean']:.1f} -> {lg['update_rank90_mean']:.1f} at {s.arm.size.name} "
+                      f"over {s.budget.steps / plan.budget.steps:g}x the steps" for s, m, lg in longer if m and lg)
+            + f"); at {big} the other methods reach {adapters} - an adapter cannot exceed r, ReLoRA's merges and GaLore's moving "
+            "subspace can. "
+            + ("Raising the rank: " + "; ".join(f"{a} -> {b} at {s}: {pct(g(a, s))} -> {pct(g(b, s))}" for s, a, b in steps) + ". "
+               if steps else "")
+            + (f"A larger r buys more than {material:g} points in {len(helps)} of {len(steps)} comparisons, so the rank cap is "
+               "costing quality there." if helps else "")
         )
-    # --- 3. stability
+    # --- 3. stability: learning-rate cliff and loss-curve noise
     lr_series = [s for s in plan.series if s.name == "lr"]
-    parts, word = [], "no measurement"
+    parts, cliff, loras = [], [], lora + only
     if lr_series:
         table = lr_table(runs, plan, lr_series[0])
         spread = {k: max(v for _, v in pts) - min(v for _, v in pts) for k, pts in table.items()
                   if len(pts) > 1 and all(math.isfinite(v) for _, v in pts)}
         diverged = [k for k, pts in table.items() if any(not math.isfinite(v) for _, v in pts)]
         if "full" in spread:
-            worse = [k for k in spread if k != "full" and spread[k] > 1.5 * spread["full"]]
-            calmer = [k for k in spread if k != "full" and spread[k] <= spread["full"]]
-            word = ("agrees" if worse or [k for k in diverged if k != "full"] else "disagrees" if len(calmer) == len(spread) - 1
-                    else "no clear difference")
+            cliff = [k for k in spread if k != "full" and spread[k] > 1.5 * spread["full"]] + [k for k in diverged if k != "full"]
             parts.append(f"over learning-rate scales {', '.join(f'x{sc:.2g}' for sc, _ in table['full'])} at {lr_series[0].arm.size.name} "
                          "the held-out loss spreads by " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()) + " nats"
-                         + (f"; diverged: {', '.join(diverged)}" if diverged else "; nothing diverged"))
+                         + (f"; diverged: {', '.join(diverged)}" if diverged else "; nothing diverged")
+                         + (f" - {', '.join(cliff)} {'punishes' if len(cliff) == 1 else 'punish'} a mis-set rate far more than full-rank"
+                            if cliff else ""))
     rough = {k: find(runs, "main", corpus, big, k)["roughness"] for k in trained if find(runs, "main", corpus, big, k)}
+    noisy = [k for k in loras if k in rough and rough[k] > 1.2 * rough["full"]]
     parts.append(f"loss-curve roughness at {big} (mean |step-to-step change| over the second half): "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in rough.items()))
+                 + ", ".join(f"{k} {v:.3f}" for k, v in rough.items())
+                 + (f" - {', '.join(noisy)} {'is' if len(noisy) == 1 else 'are'} noisier than full-rank" if noisy else " - the LoRA curves are no noisier than full-rank's"))
+    word = "agrees" if cliff and noisy else "partly agrees" if cliff or noisy else "disagrees"
     lines.append(f"3. **Training stability: {word}.** " + "; ".join(parts) + ".")
-    # --- 4. scalability
-    parts, moves = [], []
-    for k in (only[:1] + lora[:1]):
-        if small != big and find(runs, "main", corpus, big, k):
-            moves.append(g(k, big) - g(k, small))
-            parts.append(f"{k} {pct(g(k, small))} at {small} -> {pct(g(k, big))} at {big}")
-    word = ("agrees" if moves and all(m > material for m in moves) else "disagrees" if moves and all(m < -material for m in moves)
-            else "no clear trend" if moves else "one size only")
+    # --- 4. scalability: the gap against model size, and against training length
+    def trend(moves):
+        if not moves:
+            return "not measured"
+        if all(m > material for m in moves):
+            return "agrees"
+        if any(m > material for m in moves):
+            return "partly agrees"
+        return "disagrees" if all(m < -material for m in moves) else "no clear trend"
+
+    by_size = [(k, g(k, small), g(k, big)) for k in only[:1] + lora[:1] if small != big and find(runs, "main", corpus, big, k)]
+    by_len = []
     for s in plan.series:
         if s.name == "longer":
             size = s.arm.size.name
-            for k in s.arm.methods:
-                if k != "full" and find(runs, "longer", s.corpus, size, k):
-                    parts.append(f"{k} at {size}: {pct(g(k, size))} after {plan.budget.steps} steps, "
-                                 f"{pct(g(k, size, 'longer'))} after {s.budget.steps}")
-    lines.append(f"4. **Scalability: {word}.** The gap to full-rank as the model grows (fixed r, so r/d shrinks): "
-                 + "; ".join(parts) + ". The GaLore paper's Table 2 shows LoRA falling further behind from 60M to 1B parameters.")
+            by_len += [(k, size, g(k, size), g(k, size, "longer", s.corpus), plan.budget.steps, s.budget.steps)
+                       for k in s.arm.methods if k != "full" and find(runs, "longer", s.corpus, size, k)]
+    lines.append(
+        f"4. **Scalability: with model size, {trend([b - a for _, a, b in by_size])}; with training length, "
+        f"{trend([b - a for _, _, a, b, _, _ in by_len])}.** As the model grows at fixed r (r/d shrinks): "
+        + "; ".join(f"{k} {pct(a)} at {small} -> {pct(b)} at {big}" for k, a, b in by_size)
+        + (". As training goes on: " + "; ".join(f"{k} at {size} {pct(a)} after {n} steps -> {pct(b)} after {m}"
+                                                 for k, size, a, b, n, m in by_len) if by_len else "")
+        + ". The GaLore paper's Table 2 shows LoRA falling further behind from 60M to 1B parameters, trained on billions of tokens."
+    )
     # --- 5. alternatives
     parts = []
     for s in sizes:
@@ -136,11 +160,14 @@ def verdicts(runs, plan, sizes, trained, material: float) -> str:
             if kinds[k] == "relora" and find(runs, "main", corpus, s, k):
                 twin = f"lora-r{plan.methods[k].rank}"
                 restarts = find(runs, "main", corpus, s, k)["restarts"]
-                parts.append(f"{k} at {s} ({restarts} restarts): {pct(g(k, s))} vs {twin} {pct(g(twin, s))}")
+                parts.append(f"{k} at {s} ({restarts} restarts, update rank90 {find(runs, 'main', corpus, s, k)['update_rank90_mean']:.1f}"
+                             f" vs {twin}'s {find(runs, 'main', corpus, s, twin)['update_rank90_mean']:.1f}): gap {pct(g(k, s))} "
+                             f"vs {twin} {pct(g(twin, s))}")
             if kinds[k] == "galore" and (r := find(runs, "main", corpus, s, k)):
                 f = find(runs, "main", corpus, s, "full")
-                parts.append(f"{k} at {s}: {pct(g(k, s))} with optimizer state {human_bytes(r['memory']['optimizer'])} "
-                             f"vs {human_bytes(f['memory']['optimizer'])}")
+                parts.append(f"{k} at {s} (r/d = {plan.methods[k].rank}/{r['hidden']}; the GaLore paper projects to about d/4): "
+                             f"{pct(g(k, s))} with optimizer state {human_bytes(r['memory']['optimizer'])} "
+                             f"vs full-rank's {human_bytes(f['memory']['optimizer'])}")
     for s in sizes:
         ck, f = find(runs, "main", corpus, s, "full+ckpt"), find(runs, "main", corpus, s, "full")
         if ck:
