@@ -30,6 +30,17 @@ def _color(keys, key):
     return f"C{list(keys).index(key) % 10}"
 
 
+def _label(ax, xlabel, ylabel, title=None, legend=7):
+    """Axis labels, grid and legend: the styling every panel here shares."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+
+
 def loss_curves(runs, corpus, sizes, keys):
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes):
@@ -43,10 +54,7 @@ def loss_curves(runs, corpus, sizes, keys):
             if r["eval_curve"]:
                 xs, ys = zip(*r["eval_curve"])
                 ax.plot(xs, ys, "o--", color=_color(keys, key), ms=3, lw=0.7)
-        ax.set_title(f"{corpus}, {size} ({by['full']['params']:,} params)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/byte); dots = held-out")
-        ax.grid(alpha=0.3)
+        _label(ax, "step", "loss (nats/byte); dots = held-out", f"{corpus}, {size} ({by['full']['params']:,} params)", legend=0)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -67,11 +75,7 @@ def gap_vs_size(runs, corpus, sizes, keys):
             ax.plot(xs, ys, "o-" if key.startswith("lora-only") else "s--", color=_color(keys, key), label=key)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("model parameters")
-    ax.set_ylabel("held-out perplexity vs full-rank (%)")
-    ax.set_title("gap to full-rank at the same token budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "model parameters", "held-out perplexity vs full-rank (%)", "gap to full-rank at the same token budget")
     fig.tight_layout()
     return fig
 
@@ -87,11 +91,7 @@ def gap_vs_tokens(runs, corpus, panels, keys):
             xs, ys = zip(*gap_curve(by[key], by["full"]))
             ax.plot([x / 1e3 for x in xs], ys, "o-", ms=3, color=_color(keys, key), label=key)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel("tokens seen (thousands of bytes)")
-        ax.set_ylabel("held-out ppl vs full-rank (%)")
-        ax.set_title(f"{size}, {series} run ({by['full']['steps']} steps)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "tokens seen (thousands of bytes)", "held-out ppl vs full-rank (%)", f"{size}, {series} run ({by['full']['steps']} steps)")
     fig.tight_layout()
     return fig
 
@@ -107,11 +107,8 @@ def rank_vs_steps(runs, corpus, panels, keys):
             ax.plot(xs, ys, "o-", ms=3, color=_color(keys, key), label=key)
         for r in sorted({by[k]["rank"] for k in by if by[k]["rank"]}):
             ax.axhline(r, color="gray", lw=0.6, ls=":")
-        ax.set_xlabel("step")
-        ax.set_ylabel("rank90(W_t - W_0), mean over block matrices")
-        ax.set_title(f"{size}, {series} run (max rank {by['full']['update_rank_max_possible']:.0f}; dotted: r)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "step", "rank90(W_t - W_0), mean over block matrices",
+               f"{size}, {series} run (max rank {by['full']['update_rank_max_possible']:.0f}; dotted: r)")
     fig.tight_layout()
     return fig
 
@@ -126,10 +123,7 @@ def lr_sensitivity(table):
     scales = sorted({x for pts in table.values() for x, _ in pts})
     ax.set_xticks(scales, [f"x{x:.2g}" for x in scales])
     ax.minorticks_off()
-    ax.set_xlabel("learning-rate scale (x every rate of the method)")
-    ax.set_ylabel("held-out loss (nats/byte)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "learning-rate scale (x every rate of the method)", "held-out loss (nats/byte)", legend=8)
     fig.tight_layout()
     return fig
 
