@@ -17,8 +17,10 @@ LORAKIT = [sys.executable, "-c", "import sys; from lorakit.cli.main import main;
 
 def test_cli_serves_and_stops_cleanly(tmp_path):
     model_dir, adapters_dir = build_assets(tmp_path)
+    # PYTHONFAULTHANDLER: if the server ever fails to stop, SIGABRT makes it print every thread's stack (below)
     process = subprocess.Popen([*LORAKIT, "serve", "--model", str(model_dir), "--adapters", str(adapters_dir), "--port", "0",
-                                "--max-adapters", "2"], stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                "--max-adapters", "2"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     try:
         url, deadline, log = None, time.time() + 120, []
         while url is None and time.time() < deadline:
@@ -33,7 +35,13 @@ def test_cli_serves_and_stops_cleanly(tmp_path):
         assert answer.choices[0].text == Reference(model_dir, adapters_dir).text("sql", "SELECT name", 6)
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stderr = process.communicate(timeout=30)
+            raise AssertionError("lorakit serve did not stop within 60 s of Ctrl-C; its threads:\n" + stderr) from None
+        assert code == 0
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
