@@ -91,3 +91,32 @@ def test_series_ran(results):
     scaled = [r for r in data["runs"] if r["series"] == "lr"]
     assert scaled and all(r["lr_scale"] != 1.0 for r in scaled)
     assert "Learning-rate sensitivity" in report and "longer budget" in report
+
+
+def test_gap_counts_a_diverged_run_as_behind():
+    from lorakit.experiments.pretrain_report import gap, pct
+
+    full, lora = {"held_out_ppl": 8.0}, {"held_out_ppl": 9.0}
+    assert gap(lora, full) == pytest.approx(12.5)  # 9 / 8 - 1
+    assert gap({"diverged": True, "held_out_ppl": float("nan")}, full) == math.inf and pct(math.inf) == "diverged"
+    assert math.isnan(gap(lora, {"diverged": True, "held_out_ppl": float("nan")})) and pct(float("nan")) == "-"
+
+
+def test_pilot_check_names_off_best_rates_and_unpiloted_sizes():
+    from lorakit.experiments.pretrain_limits import Arm, Plan
+    from lorakit.experiments.pretrain_methods import Rates, method_list
+    from lorakit.experiments.pretrain_report import pilot_check
+    from lorakit.experiments.pretrain_train import Budget
+
+    methods = {m.key: m for m in method_list(ranks=(8,), only_ranks=(8,), restart_rank=8)}
+    small, big = Size("s", 32, 2, 2), Size("b", 64, 2, 2)
+    plan = Plan(arms=(Arm(small, Rates(1e-3, 1e-3, 1e-2), ("full",)), Arm(big, Rates(1e-3, 3e-3, 1e-2), ("full", "lora-r8"))),
+                budget=Budget(4, 2, 8, 1, 2, 1), methods=methods)
+    loss = "held-out loss, 4 steps"
+    pilots = [{"size": "b", "method": "full", "lr": 3e-4, loss: 2.5}, {"size": "b", "method": "full", "lr": 1e-3, loss: 2.2},
+              {"size": "b", "method": "full", "lr": 3e-3, loss: 2.4},
+              {"size": "b", "method": "lora-r8", "lr": 1e-3, loss: 2.3}, {"size": "b", "method": "lora-r8", "lr": 3e-3, loss: 2.6}]
+    text = pilot_check(plan, pilots)
+    assert text.startswith("1 of 2 piloted cells run at their best pilot rate")
+    assert "lora-r8 at b runs at 0.003 (2.600) while 0.001 scored 2.300" in text
+    assert "Not piloted: s" in text

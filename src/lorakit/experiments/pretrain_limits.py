@@ -84,8 +84,8 @@ METHODS = {m.key: m for m in method_list(ranks=(8, 32), only_ranks=(8, 32), rest
 S64, S128, S256 = Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4), Size("3.3M", 256, 4, 8)
 EVERY = ("full", "full+ckpt", "lora-only-r8", "lora-only-r32", "lora-r8", "lora-r32", "relora-r8", "galore-r8")
 FULL_BUDGET = Budget(steps=400, batch=8, context=128, eval_points=8, relora_every=100, ckpt_steps=8)
-# rates from the pilots below: each method's best of the rates tried at 0.8M and 3.3M; 0.2M keeps 3e-3, and the
-# "lr" series (x1/3, x3 at 0.2M) shows whether that was a fair choice for full-rank and both LoRA arms
+# rates from the pilots below (0.8M and 3.3M; the report compares each chosen rate with its best pilot rate); 0.2M
+# was not piloted, and the "lr" series (x1/3, x3 at 0.2M) shows whether its rates were fair for full-rank and both LoRA arms
 R64 = Rates(full=3e-3, lora=3e-3, galore=1e-2, lora_only=3e-3)
 R128 = Rates(full=3e-3, lora=1e-3, galore=1e-2, lora_only=3e-3)
 R256 = Rates(full=1e-3, lora=1e-3, galore=1e-2, lora_only=3e-3)

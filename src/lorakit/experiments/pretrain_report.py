@@ -24,14 +24,19 @@ def find(runs, series, corpus, size, method, scale=1.0):
 
 
 def gap(r, f) -> float:
-    """Held-out perplexity of r relative to full-rank run f, in percent (nan if either diverged)."""
-    if r is None or f is None:
+    """Held-out perplexity of r relative to full-rank run f, in percent.
+
+    A run that diverged is infinitely behind (+inf); nan when a run is missing or full-rank diverged.
+    """
+    if r is None or f is None or f.get("diverged"):
         return float("nan")
+    if r.get("diverged"):
+        return math.inf
     return 100 * (r["held_out_ppl"] / f["held_out_ppl"] - 1)
 
 
 def pct(x: float) -> str:
-    return f"{x:+.1f}%" if math.isfinite(x) else "-"
+    return "diverged" if x == math.inf else f"{x:+.1f}%" if math.isfinite(x) else "-"
 
 
 def _trained(plan) -> list[str]:
@@ -96,7 +101,7 @@ def _intro(report: Report, results: dict, plan) -> None:
     if isinstance(pilots, list) and pilots:
         heads = list(pilots[0])
         report.section("Learning-rate pilots", "Short runs that chose the rates above (held-out loss after the pilot's steps; "
-                       "lower is better). Each method gets its own best rate, so no arm loses to a mis-set rate.")
+                       "lower is better). " + pilot_check(plan, pilots))
         report.table(heads, [[p.get(h, "-") for h in heads] for p in pilots])
     elif pilots:
         report.section("Learning-rate pilots", str(pilots))
@@ -170,6 +175,38 @@ def _longer(report, runs, plan, s) -> None:
                    f"ReLoRA restarts every {s.budget.relora_every} steps here.")
     report.table(["method", f"ppl, {plan.budget.steps} steps", "gap", f"ppl, {s.budget.steps} steps", "gap",
                   f"rank90(ΔW), {plan.budget.steps}", f"rank90(ΔW), {s.budget.steps}"], rows)
+
+
+RATE_FIELD = {"full": "full", "lora": "lora", "lora-only": "lora_only", "galore": "galore", "relora": "lora"}
+
+
+def pilot_check(plan, pilots: list[dict]) -> str:
+    """Compare each piloted (size, method)'s chosen rate with its best pilot rate; name the sizes never piloted."""
+    rates = {a.size.name: a.rates for a in plan.arms}
+    loss_key = next(k for k in pilots[0] if k.startswith("held-out loss"))
+    cells: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for p in pilots:
+        cells.setdefault((p["size"], p["method"]), []).append((p["lr"], p[loss_key]))
+    notes, matched = [], 0
+    for (size, method), tried in cells.items():
+        if size not in rates or method not in plan.methods:
+            continue
+        field = RATE_FIELD[plan.methods[method].kind]
+        chosen = getattr(rates[size], field) or rates[size].lora  # lora_only defaults to lora's rate
+        best_lr, best = min(tried, key=lambda t: t[1])
+        at = dict(tried).get(chosen)
+        edge = best_lr in (min(t[0] for t in tried), max(t[0] for t in tried))
+        if math.isclose(best_lr, chosen):
+            matched += 1
+            if edge:
+                notes.append(f"{method} at {size}: its best rate {best_lr:g} is at the edge of the rates tried")
+        else:
+            notes.append(f"{method} at {size} runs at {chosen:g} ({'not piloted' if at is None else f'{at:.3f}'}) while "
+                         f"{best_lr:g} scored {best:.3f}" + (", at the edge of the rates tried" if edge else ""))
+    unpiloted = [s for s in rates if not any(size == s for size, _ in cells)]
+    return (f"{matched} of {len(cells)} piloted cells run at their best pilot rate"
+            + (": " if notes else ".") + "; ".join(notes) + ("." if notes else "")
+            + (f" Not piloted: {', '.join(unpiloted)} (the learning-rate series below checks x1/3 and x3 there)." if unpiloted else ""))
 
 
 def lr_table(runs, plan, s) -> dict[str, list[tuple[float, float]]]:
