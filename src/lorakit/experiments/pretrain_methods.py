@@ -13,8 +13,8 @@
 * galore-rN     every weight trains, but the block matrices' AdamW moments live in a rank-N
                 projection of their gradient, re-chosen every few steps (optim.GaLoreAdamW).
 
-In every LoRA variant s = alpha / r with alpha fixed, as in the LoRA paper, so an Adam step moves
-s·B·A by about the same amount at every rank.
+In every LoRA variant s = alpha / r with alpha fixed, as in the LoRA paper. (rsLoRA's analysis says an
+Adam step then moves s·B·A less at larger r, so one rate shared across ranks may under-serve r=32.)
 """
 
 from __future__ import annotations
