@@ -80,15 +80,18 @@ def gap_vs_size(runs, corpus, sizes, keys):
     return fig
 
 
-def gap_vs_tokens(runs, corpus, panels, keys):
-    """One panel per (series, size): the gap to that series' own full-rank run at every evaluation."""
+def gap_vs_tokens(runs, panels, keys):
+    """One panel per (series, corpus, size): the gap to that series' own full-rank run at every evaluation."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (series, size) in zip(axes[0], panels):
+    for ax, (series, corpus, size) in zip(axes[0], panels):
         by = series_runs(runs, series, corpus, size)
         for key in keys:
             if key == "full" or key not in by or "eval_curve" not in by[key]:
                 continue
-            xs, ys = zip(*gap_curve(by[key], by["full"]))
+            curve = gap_curve(by[key], by["full"])
+            if not curve:  # diverged before its first evaluation
+                continue
+            xs, ys = zip(*curve)
             ax.plot([x / 1e3 for x in xs], ys, "o-", ms=3, color=_color(keys, key), label=key)
         ax.axhline(0, color="k", lw=0.8)
         _label(ax, "tokens seen (thousands of bytes)", "held-out ppl vs full-rank (%)", f"{size}, {series} run ({by['full']['steps']} steps)")
@@ -96,9 +99,9 @@ def gap_vs_tokens(runs, corpus, panels, keys):
     return fig
 
 
-def rank_vs_steps(runs, corpus, panels, keys):
+def rank_vs_steps(runs, panels, keys):
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (series, size) in zip(axes[0], panels):
+    for ax, (series, corpus, size) in zip(axes[0], panels):
         by = series_runs(runs, series, corpus, size)
         for key in keys:
             if key not in by or not by[key].get("rank_curve"):

@@ -60,14 +60,14 @@ def write_report(report: Report, results: dict, plan) -> None:
         _size_table(report, runs, corpus, s, keys)
     for s in plan.series:
         {"longer": _longer, "lr": _lr, "replicate": _replicate}[s.name](report, runs, plan, s)
-    panels = [("main", s) for s in sizes] + [("longer", s.arm.size.name) for s in plan.series if s.name == "longer"]
+    panels = [("main", corpus, s) for s in sizes] + [("longer", s.corpus, s.arm.size.name) for s in plan.series if s.name == "longer"]
     report.figure(plots.loss_curves(runs, corpus, sizes, trained), "loss_curves.png",
                   "Training loss (smoothed lines) and held-out loss (dots) per size")
     report.figure(plots.gap_vs_size(runs, corpus, sizes, trained), "gap_vs_size.png",
                   "Held-out perplexity gap to full-rank as the model grows (the GaLore paper's Table 2 shape)")
-    report.figure(plots.gap_vs_tokens(runs, corpus, panels, trained), "gap_vs_tokens.png",
+    report.figure(plots.gap_vs_tokens(runs, panels, trained), "gap_vs_tokens.png",
                   "The gap to full-rank at every evaluation, against tokens seen (each panel against its own full-rank run)")
-    report.figure(plots.rank_vs_steps(runs, corpus, panels, trained), "rank_vs_steps.png",
+    report.figure(plots.rank_vs_steps(runs, panels, trained), "rank_vs_steps.png",
                   "rank90(W_t - W_0) of the block matrices as training goes on; a LoRA adapter's is capped at r (dotted)")
     report.figure(plots.memory_time(runs, corpus, sizes[-1], keys), "memory_time.png",
                   f"Accounted training memory and time per step, size {sizes[-1]}")
@@ -243,5 +243,5 @@ def _replicate(report, runs, plan, s) -> None:
         r = find(runs, "replicate", s.corpus, size, key)
         if r:
             rows.append([key, r["trainable"], r["held_out_loss"], r["held_out_ppl"], pct(gap(r, f)), f"{r['update_rank90_mean']:.1f}"])
-    report.section(f"Replication on {s.corpus}, size {size}", f"The same budget ({s.budget.tokens:,} tokens) on Python source code.")
+    report.section(f"Replication on {s.corpus}, size {size}", f"The same budget ({s.budget.tokens:,} tokens) on another corpus, {s.corpus}.")
     report.table(["method", "trainable", "held-out loss", "ppl", "gap to full", "rank90(ΔW)"], rows)

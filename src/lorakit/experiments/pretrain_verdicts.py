@@ -185,11 +185,11 @@ def verdicts(runs, plan, sizes, trained, material: float) -> str:
     for s in sizes:
         for k in trained:
             if kinds[k] == "relora" and find(runs, "main", corpus, s, k):
-                twin = f"lora-r{plan.methods[k].rank}"
-                restarts = find(runs, "main", corpus, s, k)["restarts"]
-                parts.append(f"{k} at {s} ({restarts} restarts, update rank90 {find(runs, 'main', corpus, s, k)['update_rank90_mean']:.1f}"
-                             f" vs {twin}'s {find(runs, 'main', corpus, s, twin)['update_rank90_mean']:.1f}): gap {pct(g(k, s))} "
-                             f"vs {twin} {pct(g(twin, s))}")
+                twin, run = f"lora-r{plan.methods[k].rank}", find(runs, "main", corpus, s, k)
+                twin_run = find(runs, "main", corpus, s, twin)  # None when the plan ran no plain LoRA at ReLoRA's rank
+                parts.append(f"{k} at {s} ({run['restarts']} restarts, update rank90 {run['update_rank90_mean']:.1f}"
+                             + (f" vs {twin}'s {twin_run['update_rank90_mean']:.1f}): gap {pct(g(k, s))} vs {twin} {pct(g(twin, s))}"
+                                if twin_run else f"): gap {pct(g(k, s))}"))
             if kinds[k] == "galore" and (r := find(runs, "main", corpus, s, k)):
                 f = find(runs, "main", corpus, s, "full")
                 parts.append(f"{k} at {s} (r/d = {plan.methods[k].rank}/{r['hidden']}; the GaLore paper projects to about d/4): "
