@@ -94,7 +94,7 @@ def test_series_ran(results):
 
 
 def test_gap_counts_a_diverged_run_as_behind():
-    from lorakit.experiments.pretrain_report import gap, pct
+    from lorakit.experiments.pretrain_runs import gap, pct
 
     full, lora = {"held_out_ppl": 8.0}, {"held_out_ppl": 9.0}
     assert gap(lora, full) == pytest.approx(12.5)  # 9 / 8 - 1

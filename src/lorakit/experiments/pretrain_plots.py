@@ -11,12 +11,7 @@ from __future__ import annotations
 import math
 
 from .plots import plt, smooth
-
-
-def series_runs(runs, series, corpus, size, scale=1.0):
-    """{method: run} for one (series, corpus, size, lr scale)."""
-    return {r["method"]: r for r in runs if r["series"] == series and r["corpus"] == corpus and r["size"] == size
-            and math.isclose(r["lr_scale"], scale)}
+from .pretrain_runs import series_runs
 
 
 def gap_curve(run, full):

@@ -12,31 +12,11 @@ from __future__ import annotations
 import math
 
 from . import pretrain_plots as plots
+from .pretrain_runs import find, gap, lr_table, pct
 from .pretrain_verdicts import verdicts
 from .report import Report, human_bytes
 
 MATERIAL = 3.0  # percent of perplexity
-
-
-def find(runs, series, corpus, size, method, scale=1.0):
-    by = plots.series_runs(runs, series, corpus, size, scale)
-    return by.get(method)
-
-
-def gap(r, f) -> float:
-    """Held-out perplexity of r relative to full-rank run f, in percent.
-
-    A run that diverged is infinitely behind (+inf); nan when a run is missing or full-rank diverged.
-    """
-    if r is None or f is None or f.get("diverged"):
-        return float("nan")
-    if r.get("diverged"):
-        return math.inf
-    return 100 * (r["held_out_ppl"] / f["held_out_ppl"] - 1)
-
-
-def pct(x: float) -> str:
-    return "diverged" if x == math.inf else f"{x:+.1f}%" if math.isfinite(x) else "-"
 
 
 def _trained(plan) -> list[str]:
@@ -207,18 +187,6 @@ def pilot_check(plan, pilots: list[dict]) -> str:
     return (f"{matched} of {len(cells)} piloted cells run at their best pilot rate"
             + (": " if notes else ".") + "; ".join(notes) + ("." if notes else "")
             + (f" Not piloted: {', '.join(unpiloted)} (the learning-rate series below checks x1/3 and x3 there)." if unpiloted else ""))
-
-
-def lr_table(runs, plan, s) -> dict[str, list[tuple[float, float]]]:
-    """{method: [(scale, held-out loss)]}, scale 1 taken from the main grid when it ran at the same rates."""
-    size, out = s.arm.size.name, {}
-    base = next((a for a in plan.arms if a.size == s.arm.size and a.rates == s.arm.rates and s.budget == plan.budget), None)
-    for key in s.arm.methods:
-        pts = [(sc, r["held_out_loss"]) for sc in s.lr_scales if (r := find(runs, "lr", s.corpus, size, key, sc))]
-        if base is not None and s.corpus == plan.corpus and (r := find(runs, "main", s.corpus, size, key)):
-            pts.append((1.0, r["held_out_loss"]))
-        out[key] = sorted(pts)
-    return out
 
 
 def _lr(report, runs, plan, s) -> None:

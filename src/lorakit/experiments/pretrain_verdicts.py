@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 
+from .pretrain_runs import find, gap, lr_table, pct
 from .report import human_bytes
 
 
 def verdicts(runs, plan, sizes, trained, material: float) -> str:
-    from .pretrain_report import find, gap, lr_table, pct
-
     corpus, kinds = plan.corpus, {k: plan.methods[k].kind for k in trained}
     only = [k for k in trained if kinds[k] == "lora-only"]
     lora = [k for k in trained if kinds[k] == "lora"]
-    small, big = sizes[0], sizes[-1]
+    big = sizes[-1]
 
     def g(key, size, series="main", corp=corpus):
         return gap(find(runs, series, corp, size, key), find(runs, series, corp, size, "full"))
