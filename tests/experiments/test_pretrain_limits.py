@@ -120,3 +120,54 @@ def test_pilot_check_names_off_best_rates_and_unpiloted_sizes():
     assert text.startswith("1 of 2 piloted cells run at their best pilot rate")
     assert "lora-r8 at b runs at 0.003 (2.600) while 0.001 scored 2.300" in text
     assert "Not piloted: s" in text
+
+
+def _synthetic(gaps: dict[tuple[str, str], float]) -> tuple[list[dict], object]:
+    """Runs for a 2-size plan whose held-out perplexity gaps to full-rank are exactly `gaps` (percent)."""
+    from lorakit.experiments.pretrain_limits import Arm, Plan
+    from lorakit.experiments.pretrain_methods import Rates, method_list
+    from lorakit.experiments.pretrain_train import Budget
+
+    methods = {m.key: m for m in method_list(ranks=(8,), only_ranks=(8,), restart_rank=8)}
+    keys = ("full", "lora-only-r8", "lora-r8")
+    sizes = (Size("s", 32, 2, 2), Size("b", 64, 2, 2))
+    plan = Plan(arms=tuple(Arm(s, Rates(1e-3, 1e-3, 1e-2), keys) for s in sizes), budget=Budget(4, 2, 8, 1, 2, 1), methods=methods)
+    runs = []
+    for size in sizes:
+        for key in keys:
+            ppl = 10.0 * (1 + gaps.get((size.name, key), 0.0) / 100)
+            runs.append({"series": "main", "corpus": plan.corpus, "size": size.name, "method": key, "lr_scale": 1.0,
+                         "rank": methods[key].rank, "hidden": size.hidden, "params": 1000, "trainable": 1000 if key == "full" else 100,
+                         "tokens": 64, "held_out_ppl": ppl, "held_out_loss": math.log(ppl), "diverged": False, "roughness": 0.05,
+                         "update_rank90_mean": 20.0 if key == "full" else 4.0, "rank_curve": [(4, 4.0)], "restarts": 0,
+                         "memory": {"optimizer": 10, "activations": 10}, "step_seconds": 0.1})
+    return runs, plan
+
+
+def _verdict_words(gaps) -> str:
+    from lorakit.experiments.pretrain_verdicts import verdicts
+
+    runs, plan = _synthetic(gaps)
+    return verdicts(runs, plan, ["s", "b"], ["full", "lora-only-r8", "lora-r8"], material=3.0)
+
+
+def test_verdicts_follow_the_numbers():
+    behind = _verdict_words({("s", "lora-only-r8"): 10.0, ("b", "lora-only-r8"): 20.0,
+                             ("s", "lora-r8"): 5.0, ("b", "lora-r8"): 12.0})
+    assert "Limited parameter space: agrees" in behind
+    assert "Scalability: with model size, agrees" in behind
+    assert "+10.0% at s -> +20.0% at b" in behind
+    level = _verdict_words({("s", "lora-only-r8"): 1.0, ("b", "lora-only-r8"): -1.0, ("s", "lora-r8"): 0.5, ("b", "lora-r8"): 2.0})
+    assert "Limited parameter space: disagrees" in level
+    assert "Scalability: with model size, no clear trend" in level
+    assert "matches full-rank within noise" in level
+
+
+def test_a_diverged_adapter_counts_as_behind():
+    from lorakit.experiments.pretrain_verdicts import verdicts
+
+    runs, plan = _synthetic({("s", "lora-only-r8"): 10.0})
+    blown = next(r for r in runs if r["size"] == "b" and r["method"] == "lora-only-r8")
+    blown.update(diverged=True, held_out_ppl=float("nan"), held_out_loss=float("nan"))
+    text = verdicts(runs, plan, ["s", "b"], ["full", "lora-only-r8", "lora-r8"], material=3.0)
+    assert "Limited parameter space: agrees" in text and "ends diverged" in text
