@@ -16,11 +16,16 @@ from serve_assets import Reference, build_assets
 LORAKIT = [sys.executable, "-c", "import sys; from lorakit.cli.main import main; sys.exit(main())"]
 
 
-def test_cli_serves_and_stops_cleanly(tmp_path):
+def _as_background_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell does to `cmd &`; Ctrl-C must still stop the server
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serves_and_stops_cleanly(tmp_path, stop_signal):
     model_dir, adapters_dir = build_assets(tmp_path)
     # PYTHONFAULTHANDLER: if the server ever fails to stop, SIGABRT makes it print every thread's stack (below)
     process = subprocess.Popen([*LORAKIT, "serve", "--model", str(model_dir), "--adapters", str(adapters_dir), "--port", "0",
-                                "--max-adapters", "2"], stderr=subprocess.PIPE, text=True,
+                                "--max-adapters", "2"], stderr=subprocess.PIPE, text=True, preexec_fn=_as_background_job,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     try:
         url, deadline, log = None, time.time() + 120, []
@@ -35,14 +40,14 @@ def test_cli_serves_and_stops_cleanly(tmp_path):
         answer = client.completions.create(model="sql", prompt="SELECT name", max_tokens=6, temperature=0)
         assert answer.choices[0].text == Reference(model_dir, adapters_dir).text("sql", "SELECT name", 6)
     finally:
-        stopped = _stop(process)
+        stopped = _stop(process, stop_signal)
     if stopped != 0:
         pytest.fail(f"exit code {stopped}" if isinstance(stopped, int) else stopped, pytrace=False)  # the whole text, untruncated
 
 
-def _stop(process: subprocess.Popen) -> int | str:
-    """Ctrl-C the server; its exit code, or (if it hangs) every thread's stack as text for the failure."""
-    process.send_signal(signal.SIGINT)
+def _stop(process: subprocess.Popen, stop_signal: int) -> int | str:
+    """Signal the server to stop; its exit code, or (if it hangs) every thread's stack as text for the failure."""
+    process.send_signal(stop_signal)
     try:
         process.communicate(timeout=60)  # communicate, not wait: it drains stderr, so a full pipe cannot block the server
         return process.returncode
@@ -53,7 +58,7 @@ def _stop(process: subprocess.Popen) -> int | str:
         finally:
             process.kill()
         stacks = stderr.split("\nExtension modules:")[0]  # the module list after the stacks says nothing here
-        return "lorakit serve did not stop within 60 s of Ctrl-C; its threads:\n" + stacks
+        return f"lorakit serve did not stop within 60 s of {signal.Signals(stop_signal).name}; its threads:\n" + stacks
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -61,10 +62,25 @@ def run(args: argparse.Namespace) -> int:
     adapters = server.app.engine.adapters
     count = len(adapters.available()) if adapters is not None else 0
     logging.getLogger("lorakit.serve").info("serving '%s' and %d adapter(s) on %s/v1 (Ctrl-C stops)", name, count, server.url)
+    previous = _stop_on_signals()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _stop_on_signals() -> dict:
+    """Make Ctrl-C (SIGINT) and SIGTERM stop the server cleanly; returns the handlers they replace.
+
+    Explicit because a shell starts background jobs with SIGINT ignored, and Python then never installs its
+    KeyboardInterrupt handler: without this, `lorakit serve ... &` could not be stopped with kill -INT.
+    """
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
