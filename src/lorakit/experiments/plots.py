@@ -7,15 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def smooth(values: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
+from ..train.metrics import running_mean  # noqa: E402
 
 
 def params_sweep(results):
@@ -91,7 +83,7 @@ def finetune_curves(results):
     for ax, (name, t) in zip(axes[0], tasks.items()):
         for i, r in enumerate(t["runs"]):
             losses = r["train_loss"]
-            ax.plot(range(1, len(losses) + 1), smooth(losses, max(1, len(losses) // 15)), lw=1, color=f"C{i % 10}", label=r["variant"])
+            ax.plot(range(1, len(losses) + 1), running_mean(losses, max(1, len(losses) // 15)), lw=1, color=f"C{i % 10}", label=r["variant"])
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (smoothed)")
         ax.set_title(name)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from .plots import plt, smooth
+from ..train.metrics import running_mean
+from .plots import plt
 from .pretrain_runs import series_runs
 
 
@@ -45,7 +46,7 @@ def loss_curves(runs, corpus, sizes, keys):
             if r is None or "train_loss" not in r:
                 continue
             losses = r["train_loss"]
-            ax.plot(range(1, len(losses) + 1), smooth(losses, max(1, len(losses) // 30)), color=_color(keys, key), lw=1.1, label=key)
+            ax.plot(range(1, len(losses) + 1), running_mean(losses, max(1, len(losses) // 30)), color=_color(keys, key), lw=1.1, label=key)
             if r["eval_curve"]:
                 xs, ys = zip(*r["eval_curve"])
                 ax.plot(xs, ys, "o--", color=_color(keys, key), ms=3, lw=0.7)

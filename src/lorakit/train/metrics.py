@@ -10,6 +10,17 @@ from typing import Any
 from ..io import atomic_write_bytes
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """out[i] = mean(values[i - window + 1 : i + 1]), over fewer values at the start (for loss curves)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 class MetricsLog:
     """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped first."""
 
@@ -53,8 +64,7 @@ class MetricsLog:
             window = len(losses) // 20  # a running mean only once there are enough steps to smooth
             if window > 1:
                 ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss (per step)")
-                smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-                ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of {window})")
+                ax.plot(steps, running_mean(losses, window), color="tab:blue", lw=2, label=f"train loss (mean of {window})")
             else:
                 ax.plot(steps, losses, color="tab:blue", lw=1.5, label="train loss (per step)")
         if held:
