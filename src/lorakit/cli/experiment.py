@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments import run_experiment
+    from ..experiments import default_out, run_experiment
 
     if args.threads is not None:
         if args.threads < 1:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    out = args.out if args.out is not None else Path("lorakit-experiments") / args.name
+    out = args.out if args.out is not None else default_out(args.name)
     command = f"lorakit experiment {args.name}" + (" --quick" if args.quick else "") + f" --out {out}"
     command += f" --threads {args.threads}" if args.threads is not None else ""
     run_experiment(args.name, out, quick=args.quick, command=command)

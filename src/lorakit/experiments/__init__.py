@@ -20,11 +20,16 @@ EXPERIMENTS = {
 }
 
 
+def default_out(name: str) -> Path:
+    """Where a study writes when no --out is given (ignored by git)."""
+    return Path("lorakit-experiments") / name
+
+
 def run_experiment(name: str, out: str | Path | None = None, quick: bool = False, command: str | None = None) -> dict:
     if name not in EXPERIMENTS:
         raise LorakitError(f"experiment {name!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
-    out = Path(out) if out is not None else Path("experiments") / name
-    if out.exists() and not out.is_dir():
+    out = Path(out) if out is not None else default_out(name)
+    if out.exists() and not out.is_dir():  # checked before a run that may take minutes, not only when writing
         raise LorakitError(f"--out {out} is a file; give a folder for the report")
     command = command or f"lorakit experiment {name}" + (" --quick" if quick else "") + f" --out {out}"
     module = importlib.import_module(f"{__name__}.{EXPERIMENTS[name]}")
