@@ -1,7 +1,7 @@
 """Tiny seeded models saved as Hugging Face folders, each with a tokenizer trained here (no downloads).
 
-Shared by tests/cli and tests/train: their modules import the fixtures (a conftest.py there would shadow
-tests/conftest.py, which other tests import as `conftest`)."""
+Shared by tests/cli and tests/train: their test modules import the fixtures from here directly, so no
+folder needs a conftest.py of its own (a second conftest.py would shadow tests/conftest.py)."""
 
 from __future__ import annotations
 
