@@ -21,7 +21,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+LINTED := src tests benchmarks examples
+
+# lint and format check first (seconds), then the whole suite
 test: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/python -m pytest
 
 # Fine-tunes the real SmolLM2-135M-Instruct on real movie-review sentiment (CPU, a few minutes).

@@ -51,8 +51,16 @@ def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2560, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2560,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -77,8 +85,12 @@ def run_case(case: str, steps: int, batch: int, seq: int, device: str) -> dict:
 
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=TARGETS),
-                       base_dtype=torch.bfloat16 if bf16 else None, seed=0)
+        lorakit.inject(
+            model,
+            lorakit.LoraConfig(r=8, alpha=16, target_modules=TARGETS),
+            base_dtype=torch.bfloat16 if bf16 else None,
+            seed=0,
+        )
     elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
@@ -105,9 +117,17 @@ def run_case(case: str, steps: int, batch: int, seq: int, device: str) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    result = {"case": case, "trainable": trainable, "total": sum(p.numel() for p in model.parameters()),
-              "bare_rss_mb": bare_mb, "ready_rss_mb": ready_mb, "peak_rss_mb": rss_mb("VmHWM"),
-              "train_mb": rss_mb("VmHWM") - bare_mb, "times": times, "losses": losses}
+    result = {
+        "case": case,
+        "trainable": trainable,
+        "total": sum(p.numel() for p in model.parameters()),
+        "bare_rss_mb": bare_mb,
+        "ready_rss_mb": ready_mb,
+        "peak_rss_mb": rss_mb("VmHWM"),
+        "train_mb": rss_mb("VmHWM") - bare_mb,
+        "times": times,
+        "losses": losses,
+    }
     if cuda:
         result.update({"cuda_ready_mb": ready_cuda, "train_mb": torch.cuda.max_memory_allocated() / 2**20})
     return result
@@ -134,40 +154,72 @@ def main() -> None:
     results = {}
     cases = args.cases.split(",")
     for case in tqdm(cases, desc="cases", unit="case"):
-        command = [sys.executable, __file__, "--child", case, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--device", args.device]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            case,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--device",
+            args.device,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise SystemExit(f"case {case} failed:\n{done.stderr[-3000:]}")
         results[case] = json.loads(done.stdout.strip().splitlines()[-1])
-        tqdm.write(f"{case:18s} training memory {results[case]['train_mb']:7.0f} MB  step {results[case]['times'][-1]:.2f} s")
+        tqdm.write(
+            f"{case:18s} training memory {results[case]['train_mb']:7.0f} MB  step {results[case]['times'][-1]:.2f} s"
+        )
 
     base = results.get("full-fp32", {}).get("train_mb")
     unit = "peak CUDA MB" if args.device == "cuda" else "train MB"
-    print(f"\n{'case':18s} {'trainable':>12s} {unit:>12s} {'/ full-fp32':>11s} {'peak RSS MB':>12s} {'s/step':>7s} {'loss@last':>9s}")
+    print(
+        f"\n{'case':18s} {'trainable':>12s} {unit:>12s} {'/ full-fp32':>11s} {'peak RSS MB':>12s} {'s/step':>7s} "
+        f"{'loss@last':>9s}"
+    )
     ratios = {}
     for case, r in results.items():
         ratio = r["train_mb"] / base if base else None
         ratios[case] = ratio
-        print(f"{case:18s} {r['trainable']:12,d} {r['train_mb']:12.0f} {ratio if ratio is not None else float('nan'):11.3f} "
-              f"{r['peak_rss_mb']:12.0f} {r['times'][-1]:7.2f} {r['losses'][-1]:9.4f}")
+        print(
+            f"{case:18s} {r['trainable']:12,d} {r['train_mb']:12.0f} "
+            f"{ratio if ratio is not None else float('nan'):11.3f} "
+            f"{r['peak_rss_mb']:12.0f} {r['times'][-1]:7.2f} {r['losses'][-1]:9.4f}"
+        )
     pairs = [("lorakit-fp32", "peft-fp32"), ("lorakit-bf16-ckpt", "peft-bf16-ckpt")]
-    side_by_side = {f"{a} / {b}": results[a]["train_mb"] / results[b]["train_mb"] for a, b in pairs if a in results and b in results}
+    side_by_side = {
+        f"{a} / {b}": results[a]["train_mb"] / results[b]["train_mb"] for a, b in pairs if a in results and b in results
+    }
     for name, value in side_by_side.items():
         print(f"{name:38s} {value:.3f}")
     if "lorakit-bf16-ckpt" in ratios and base:
         verdict = "meets" if ratios["lorakit-bf16-ckpt"] <= 1 / 3 else "MISSES"
-        print(f"lorakit --base-dtype bf16 + gradient checkpointing uses {ratios['lorakit-bf16-ckpt']:.3f} of full fine-tuning's "
-              f"training memory: {verdict} the <= 1/3 claim")
+        print(
+            f"lorakit --base-dtype bf16 + gradient checkpointing uses {ratios['lorakit-bf16-ckpt']:.3f} of full "
+            "fine-tuning's "
+            f"training memory: {verdict} the <= 1/3 claim"
+        )
 
     path = Path(args.json or f"benchmarks/results/memory-{args.device}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "settings": {k: v for k, v in vars(args).items() if k != "child"},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "ratios_to_full_fp32": ratios, "side_by_side": side_by_side, "results": results,
-    }, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                "settings": {k: v for k, v in vars(args).items() if k != "child"},
+                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                "ratios_to_full_fp32": ratios,
+                "side_by_side": side_by_side,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {path}")
 
 

@@ -43,17 +43,24 @@ def build_model():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2560, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2560,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
 
 def build_adapters(base, count: int):
     """(lorakit model, PEFT model) holding the same `count` adapters a0..a{count-1}."""
+    from peft import LoraConfig, get_peft_model
+
     import lorakit
     from lorakit.registry import lora_layers
-    from peft import LoraConfig, get_peft_model
 
     ours = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(1)
@@ -155,12 +162,20 @@ def main() -> None:
     parser.add_argument("--adapters", default="1,4,16,64", help="distinct adapters per batch, comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="alternating passes over all cases")
     parser.add_argument("--repeats", type=int, default=5, help="timed decode steps per case per round")
-    parser.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills per case per round (each takes seconds)")
+    parser.add_argument(
+        "--prefill-repeats", type=int, default=2, help="timed prefills per case per round (each takes seconds)"
+    )
     parser.add_argument("--phases", default="prefill,decode")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)",
+    )
     parser.add_argument("--json", default="benchmarks/results/mixed_batch.json")
-    parser.add_argument("--kernels", action="store_true", help="only time one layer's decode kernels (768x768, 64 rows, 64 adapters)")
+    parser.add_argument(
+        "--kernels", action="store_true", help="only time one layer's decode kernels (768x768, 64 rows, 64 adapters)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.kernels:
@@ -168,8 +183,17 @@ def main() -> None:
         print(", ".join(f"{k} {v:.0f}" for k, v in result.items()))
         path = Path(args.json).with_name("mixed_batch_kernels.json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "threads": args.threads,
-                                    "load_average": os.getloadavg(), **result}, indent=2))
+        path.write_text(
+            json.dumps(
+                {
+                    "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                    "threads": args.threads,
+                    "load_average": os.getloadavg(),
+                    **result,
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {path}")
         return
     counts = [int(c) for c in args.adapters.split(",")]
@@ -187,10 +211,15 @@ def main() -> None:
     checks = {}
     for phase in phases:
         mine, peft_out, plain = (forward(c, phase, models, inputs, n) for c in (f"lorakit-{n}", f"peft-{n}", "base"))
-        checks[phase] = {"max_abs_diff_lorakit_vs_peft": (mine - peft_out).abs().max().item(),
-                         "max_abs_diff_lorakit_vs_base": (mine - plain).abs().max().item()}
-        print(f"{phase}: |lorakit - peft| = {checks[phase]['max_abs_diff_lorakit_vs_peft']:.2e}  "
-              f"(|lorakit - base| = {checks[phase]['max_abs_diff_lorakit_vs_base']:.2e})", flush=True)
+        checks[phase] = {
+            "max_abs_diff_lorakit_vs_peft": (mine - peft_out).abs().max().item(),
+            "max_abs_diff_lorakit_vs_base": (mine - plain).abs().max().item(),
+        }
+        print(
+            f"{phase}: |lorakit - peft| = {checks[phase]['max_abs_diff_lorakit_vs_peft']:.2e}  "
+            f"(|lorakit - base| = {checks[phase]['max_abs_diff_lorakit_vs_base']:.2e})",
+            flush=True,
+        )
 
     cases = ["base"] + [f"{kind}-{c}" for c in counts for kind in ("lorakit", "peft")]
     times: dict[str, dict[str, list[float]]] = {p: {c: [] for c in cases} for p in phases}
@@ -215,27 +244,39 @@ def main() -> None:
         for c in counts:
             ours_t, peft_t = med[f"lorakit-{c}"], med[f"peft-{c}"]
             rows[c] = {
-                "lorakit_ms": 1000 * ours_t, "peft_ms": 1000 * peft_t,
-                "lorakit_over_base": ours_t / base_t, "peft_over_base": peft_t / base_t,
-                "lorakit_overhead_ms": 1000 * (ours_t - base_t), "peft_overhead_ms": 1000 * (peft_t - base_t),
+                "lorakit_ms": 1000 * ours_t,
+                "peft_ms": 1000 * peft_t,
+                "lorakit_over_base": ours_t / base_t,
+                "peft_over_base": peft_t / base_t,
+                "lorakit_overhead_ms": 1000 * (ours_t - base_t),
+                "peft_overhead_ms": 1000 * (peft_t - base_t),
                 "overhead_ratio_lorakit_to_peft": (ours_t - base_t) / (peft_t - base_t) if peft_t > base_t else None,
             }
-        summary[phase] = {"base_ms": 1000 * base_t, "by_adapters": rows,
-                          "lorakit_growth_1_to_max": med[f"lorakit-{counts[-1]}"] / med[f"lorakit-{counts[0]}"],
-                          "peft_growth_1_to_max": med[f"peft-{counts[-1]}"] / med[f"peft-{counts[0]}"]}
+        summary[phase] = {
+            "base_ms": 1000 * base_t,
+            "by_adapters": rows,
+            "lorakit_growth_1_to_max": med[f"lorakit-{counts[-1]}"] / med[f"lorakit-{counts[0]}"],
+            "peft_growth_1_to_max": med[f"peft-{counts[-1]}"] / med[f"peft-{counts[0]}"],
+        }
 
     print()
     for phase in phases:
         s = summary[phase]
         print(f"{phase}: base {s['base_ms']:.1f} ms")
-        print(f"  {'adapters':>8s} {'lorakit ms':>11s} {'peft ms':>9s} {'lorakit/base':>13s} {'peft/base':>10s} "
-              f"{'overhead lk/peft':>17s}")
+        print(
+            f"  {'adapters':>8s} {'lorakit ms':>11s} {'peft ms':>9s} {'lorakit/base':>13s} {'peft/base':>10s} "
+            f"{'overhead lk/peft':>17s}"
+        )
         for c, row in s["by_adapters"].items():
             ratio = row["overhead_ratio_lorakit_to_peft"]
-            print(f"  {c:8d} {row['lorakit_ms']:11.1f} {row['peft_ms']:9.1f} {row['lorakit_over_base']:13.3f} "
-                  f"{row['peft_over_base']:10.3f} {'n/a' if ratio is None else f'{ratio:.3f}':>17s}")
-        print(f"  growth {counts[0]} -> {counts[-1]} adapters: lorakit {s['lorakit_growth_1_to_max']:.3f}x, "
-              f"peft {s['peft_growth_1_to_max']:.3f}x")
+            print(
+                f"  {c:8d} {row['lorakit_ms']:11.1f} {row['peft_ms']:9.1f} {row['lorakit_over_base']:13.3f} "
+                f"{row['peft_over_base']:10.3f} {'n/a' if ratio is None else f'{ratio:.3f}':>17s}"
+            )
+        print(
+            f"  growth {counts[0]} -> {counts[-1]} adapters: lorakit {s['lorakit_growth_1_to_max']:.3f}x, "
+            f"peft {s['peft_growth_1_to_max']:.3f}x"
+        )
     bars = {}
     if "decode" in summary and max(counts) in summary["decode"]["by_adapters"]:
         row = summary["decode"]["by_adapters"][max(counts)]
@@ -252,9 +293,17 @@ def main() -> None:
     record = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "settings": vars(args),
-        "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "torch": torch.__version__, "load_average": os.getloadavg()},
-        "checks": checks, "summary": summary, "bars": bars, "times_s": times,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "checks": checks,
+        "summary": summary,
+        "bars": bars,
+        "times_s": times,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2))

@@ -58,31 +58,48 @@ def corpus_lines(limit: int = 40000) -> list[str]:
 
 
 def build_assets(root: Path, lines: list[str]) -> tuple[Path, Path]:
-    import lorakit
-    from lorakit.registry import lora_layers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import lorakit
+    from lorakit.registry import lora_layers
 
     model_dir, adapters_dir = root / BASE, root / "adapters"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(model_dir)
     generator = torch.Generator().manual_seed(1)
     for i in range(ADAPTERS):
         name = f"user{i:02d}"
-        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), name=name)
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), name=name
+        )
         with torch.no_grad():
             for _, layer in lora_layers(model):
                 if name in layer.specs:
@@ -99,15 +116,18 @@ def make_requests(count: int, lines: list[str]) -> list[dict]:
     requests = []
     for i in range(count):
         model = BASE if i % (ADAPTERS + 1) == ADAPTERS else f"user{i % (ADAPTERS + 1):02d}"
-        requests.append({"i": i, "model": model, "prompt": lines[picks[i]], "max_tokens": lengths[i], "stream": i % 4 == 3})
+        requests.append(
+            {"i": i, "model": model, "prompt": lines[picks[i]], "max_tokens": lengths[i], "stream": i % 4 == 3}
+        )
     return requests
 
 
 def references(model_dir: Path, adapters_dir: Path, requests: list[dict]) -> list[str]:
     """Each request alone: a separate model, set_adapter, greedy HF generate."""
+    from tqdm import tqdm
+
     import lorakit
     from lorakit.models import load_model, load_tokenizer
-    from tqdm import tqdm
 
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
@@ -121,17 +141,40 @@ def references(model_dir: Path, adapters_dir: Path, requests: list[dict]) -> lis
         for request in tqdm(requests, desc="reference (alone)", mininterval=5):
             lorakit.set_adapter(model, None if request["model"] == BASE else request["model"])
             ids = tokenizer(request["prompt"])["input_ids"]
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=request["max_tokens"], do_sample=False, eos_token_id=eos, pad_token_id=eos)
-            texts.append(tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != eos], skip_special_tokens=True))
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=request["max_tokens"],
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+            texts.append(
+                tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t != eos], skip_special_tokens=True)
+            )
     torch.set_num_threads(threads)
     return texts
 
 
 def start_server(model_dir: Path, adapters_dir: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-c", "import sys; from lorakit.cli.main import main; sys.exit(main())", "serve",
-               "--model", str(model_dir), "--adapters", str(adapters_dir), "--port", "0", "--max-batch", str(max_batch),
-               "--max-adapters", str(ADAPTERS), "--threads", str(threads)]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from lorakit.cli.main import main; sys.exit(main())",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--adapters",
+        str(adapters_dir),
+        "--port",
+        "0",
+        "--max-batch",
+        str(max_batch),
+        "--max-adapters",
+        str(ADAPTERS),
+        "--threads",
+        str(threads),
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -140,7 +183,9 @@ def start_server(model_dir: Path, adapters_dir: Path, max_batch: int, threads: i
             raise SystemExit(f"lorakit serve exited with {process.returncode}")
         found = re.search(r"on (http://\S+)/v1", line)
         if found:
-            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # keep the pipe drained
+            threading.Thread(
+                target=lambda: [None for _ in process.stderr], daemon=True
+            ).start()  # keep the pipe drained
             return process, found[1]
     raise SystemExit("lorakit serve did not start in 300 s")
 
@@ -148,7 +193,12 @@ def start_server(model_dir: Path, adapters_dir: Path, max_batch: int, threads: i
 def send(client, request: dict) -> dict:
     start = time.perf_counter()
     try:
-        kwargs = {"model": request["model"], "prompt": request["prompt"], "max_tokens": request["max_tokens"], "temperature": 0}
+        kwargs = {
+            "model": request["model"],
+            "prompt": request["prompt"],
+            "max_tokens": request["max_tokens"],
+            "temperature": 0,
+        }
         first = None
         if request["stream"]:
             parts, tokens = [], None
@@ -161,10 +211,23 @@ def send(client, request: dict) -> dict:
         else:
             answer = client.completions.create(**kwargs)
             text, tokens = answer.choices[0].text, answer.usage.completion_tokens
-        return {"i": request["i"], "text": text, "tokens": tokens, "latency": time.perf_counter() - start, "ttft": first, "error": None}
+        return {
+            "i": request["i"],
+            "text": text,
+            "tokens": tokens,
+            "latency": time.perf_counter() - start,
+            "ttft": first,
+            "error": None,
+        }
     except Exception as err:  # counted, never fatal
-        return {"i": request["i"], "text": None, "tokens": 0, "latency": time.perf_counter() - start, "ttft": None,
-                "error": f"{type(err).__name__}: {err}"}
+        return {
+            "i": request["i"],
+            "text": None,
+            "tokens": 0,
+            "latency": time.perf_counter() - start,
+            "ttft": None,
+            "error": f"{type(err).__name__}: {err}",
+        }
 
 
 def run_load(url: str, requests: list[dict], concurrency: int, label: str) -> dict:
@@ -186,10 +249,20 @@ def run_load(url: str, requests: list[dict], concurrency: int, label: str) -> di
     def pct(values, q):
         return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
-    return {"requests": len(results), "concurrency": concurrency, "wall_s": wall, "requests_per_s": len(results) / wall,
-            "tokens": tokens, "tokens_per_s": tokens / wall, "p50_latency_s": pct(latencies, 0.5), "p99_latency_s": pct(latencies, 0.99),
-            "p50_ttft_s": pct(ttfts, 0.5), "p99_ttft_s": pct(ttfts, 0.99),
-            "errors": [r["error"] for r in results if r["error"]], "results": results}
+    return {
+        "requests": len(results),
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "p50_latency_s": pct(latencies, 0.5),
+        "p99_latency_s": pct(latencies, 0.99),
+        "p50_ttft_s": pct(ttfts, 0.5),
+        "p99_ttft_s": pct(ttfts, 0.99),
+        "errors": [r["error"] for r in results if r["error"]],
+        "results": results,
+    }
 
 
 def hot_load_times(count: int) -> dict:
@@ -203,7 +276,9 @@ def hot_load_times(count: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         donor = load_model("smollm2-135m-instruct")
         for i in range(count):
-            lorakit.inject(donor, lorakit.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), name=f"a{i}")
+            lorakit.inject(
+                donor, lorakit.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), name=f"a{i}"
+            )
             lorakit.save_adapter(donor, Path(tmp) / f"a{i}", name=f"a{i}")
             lorakit.delete_adapter(donor, f"a{i}")
         size = (Path(tmp) / "a0" / "adapter_model.safetensors").stat().st_size
@@ -213,9 +288,17 @@ def hot_load_times(count: int) -> dict:
             start = time.process_time()  # CPU time: what a load costs on an idle core, whatever else runs
             times.append(cache.load(f"a{i}"))
             cpu.append(1000 * (time.process_time() - start))
-    return {"model": "SmolLM2-135M-Instruct", "adapter": "r=8 on q,k,v,o (30 layers)", "file_bytes": size,
-            "load_ms": times, "median_ms": statistics.median(times), "max_ms": max(times),
-            "cpu_ms": cpu, "median_cpu_ms": statistics.median(cpu), "max_cpu_ms": max(cpu)}
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "adapter": "r=8 on q,k,v,o (30 layers)",
+        "file_bytes": size,
+        "load_ms": times,
+        "median_ms": statistics.median(times),
+        "max_ms": max(times),
+        "cpu_ms": cpu,
+        "median_cpu_ms": statistics.median(cpu),
+        "max_cpu_ms": max(cpu),
+    }
 
 
 def main() -> None:
@@ -223,7 +306,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--sequential", type=int, help="send only the first N requests one at a time (default: all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1: the clients share the 2 cores)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in the server (default 1: the clients share the 2 cores)"
+    )
     parser.add_argument("--hot-load", type=int, default=16, metavar="N", help="SmolLM2 adapter loads to time (0 skips)")
     parser.add_argument("--hot-load-only", action="store_true", help="only time the SmolLM2 adapter loads")
     parser.add_argument("--json", default="benchmarks/results/serve_load.json")
@@ -232,13 +317,22 @@ def main() -> None:
     from lorakit.cli.common import quiet_transformers
 
     quiet_transformers()
-    record: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "settings": vars(args),
-                    "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                                "load_average_at_start": os.getloadavg()}}
+    record: dict = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "settings": vars(args),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg(),
+        },
+    }
     if args.hot_load_only:
         h = hot_load_times(args.hot_load)
-        print(f"{len(h['load_ms'])} cold loads of {h['adapter']} into {h['model']}: wall median {h['median_ms']:.1f} ms "
-              f"(max {h['max_ms']:.1f}), CPU median {h['median_cpu_ms']:.1f} ms (max {h['max_cpu_ms']:.1f})")
+        print(
+            f"{len(h['load_ms'])} cold loads of {h['adapter']} into {h['model']}: wall median {h['median_ms']:.1f} ms "
+            f"(max {h['max_ms']:.1f}), CPU median {h['median_cpu_ms']:.1f} ms (max {h['max_cpu_ms']:.1f})"
+        )
         path = Path(args.json).with_name("hot_load.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**record, "hot_load": h}, indent=2))
@@ -250,8 +344,10 @@ def main() -> None:
         requests = make_requests(args.requests, lines)
         expected = references(model_dir, adapters_dir, requests)
         runs = {}
-        for label, concurrency, subset in (("concurrent", args.concurrency, requests),
-                                           ("one at a time", 1, requests[: args.sequential or len(requests)])):
+        for label, concurrency, subset in (
+            ("concurrent", args.concurrency, requests),
+            ("one at a time", 1, requests[: args.sequential or len(requests)]),
+        ):
             process, url = start_server(model_dir, adapters_dir, max_batch=args.concurrency, threads=args.threads)
             try:
                 runs[label] = run_load(url, subset, concurrency, label)
@@ -264,22 +360,32 @@ def main() -> None:
         record["hot_load"] = hot_load_times(args.hot_load)
 
     print()
-    print(f"{'run':14s} {'requests':>8s} {'errors':>6s} {'mismatch':>8s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p99 s':>7s} "
-          f"{'p50 TTFT':>8s}")
+    print(
+        f"{'run':14s} {'requests':>8s} {'errors':>6s} {'mismatch':>8s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} "
+        f"{'p99 s':>7s} "
+        f"{'p50 TTFT':>8s}"
+    )
     for label, run in runs.items():
-        print(f"{label:14s} {run['requests']:8d} {len(run['errors']):6d} {len(run['mismatches']):8d} {run['requests_per_s']:7.2f} "
-              f"{run['tokens_per_s']:7.1f} {run['p50_latency_s']:7.3f} {run['p99_latency_s']:7.3f} "
-              f"{run['p50_ttft_s'] if run['p50_ttft_s'] is not None else float('nan'):8.3f}")
+        print(
+            f"{label:14s} {run['requests']:8d} {len(run['errors']):6d} {len(run['mismatches']):8d} "
+            f"{run['requests_per_s']:7.2f} "
+            f"{run['tokens_per_s']:7.1f} {run['p50_latency_s']:7.3f} {run['p99_latency_s']:7.3f} "
+            f"{run['p50_ttft_s'] if run['p50_ttft_s'] is not None else float('nan'):8.3f}"
+        )
     concurrent, alone = runs["concurrent"], runs["one at a time"]
-    record["ratios"] = {"throughput concurrent / one-at-a-time (tokens/s)": concurrent["tokens_per_s"] / alone["tokens_per_s"],
-                        "throughput concurrent / one-at-a-time (requests/s)": concurrent["requests_per_s"] / alone["requests_per_s"]}
+    record["ratios"] = {
+        "throughput concurrent / one-at-a-time (tokens/s)": concurrent["tokens_per_s"] / alone["tokens_per_s"],
+        "throughput concurrent / one-at-a-time (requests/s)": concurrent["requests_per_s"] / alone["requests_per_s"],
+    }
     for name, value in record["ratios"].items():
         print(f"{name}: {value:.2f}x")
     if "hot_load" in record:
         h = record["hot_load"]
-        print(f"hot load, {h['model']} {h['adapter']} ({h['file_bytes'] / 1e6:.1f} MB), {len(h['load_ms'])} cold loads: "
-              f"wall median {h['median_ms']:.1f} ms (max {h['max_ms']:.1f}), CPU median {h['median_cpu_ms']:.1f} ms "
-              f"(max {h['max_cpu_ms']:.1f})")
+        print(
+            f"hot load, {h['model']} {h['adapter']} ({h['file_bytes'] / 1e6:.1f} MB), {len(h['load_ms'])} cold loads: "
+            f"wall median {h['median_ms']:.1f} ms (max {h['max_ms']:.1f}), CPU median {h['median_cpu_ms']:.1f} ms "
+            f"(max {h['max_cpu_ms']:.1f})"
+        )
     for label, run in runs.items():
         for error in run["errors"][:5]:
             print(f"{label} error: {error}")

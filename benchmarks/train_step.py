@@ -41,8 +41,14 @@ def build_model():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2560, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2560,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 
@@ -69,7 +75,9 @@ def run_case(case: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
         import lorakit
 
         base_dtype = torch.bfloat16 if precision == "bf16" else None
-        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=targets), base_dtype=base_dtype, seed=0)
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=targets), base_dtype=base_dtype, seed=0
+        )
     else:  # floor
         model.requires_grad_(False)
         if precision == "bf16":
@@ -126,13 +134,31 @@ def main() -> None:
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for round_index in range(args.rounds):
         for case in cases:
-            command = [sys.executable, __file__, "--child", case, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                case,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             runs[case].append(result)
-            print(f"round {round_index + 1}/{args.rounds} {case:13s} median {statistics.median(result['times']):.3f} s/step  "
-                  f"loss {result['losses'][-1]:.4f}  peak {result['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"round {round_index + 1}/{args.rounds} {case:13s} median {statistics.median(result['times']):.3f} "
+                "s/step  "
+                f"loss {result['losses'][-1]:.4f}  peak {result['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
 
     summary = {}
     for case, results in runs.items():

@@ -24,19 +24,24 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit import datasets as lkd
 from lorakit.cli.common import quiet_transformers
 from lorakit.cli.generate import build_prompt, generate_text
 from lorakit.models import SMOLLM2, smollm2_path
 from lorakit.train import TrainConfig, train
+from lorakit_lab import real_data as lkd
 
 SYSTEM = "Classify the sentiment of the movie review as positive or negative."
 SHOWN = 3  # held-out reviews answered before and after
 
 
 def chat(row: dict) -> dict:
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["text"]},
-                         {"role": "assistant", "content": row["label"]}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": row["text"]},
+            {"role": "assistant", "content": row["label"]},
+        ]
+    }
 
 
 @torch.no_grad()
@@ -47,11 +52,13 @@ def label_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> 
     prompts = [build_prompt(tokenizer, r["text"], SYSTEM) for r in rows]
     correct = 0
     for start in range(0, len(rows), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         logits = model(**batch).logits
         last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token predicts the answer
         scores = logits[torch.arange(len(last)), last]
-        for row, score in zip(rows[start:start + batch_size], scores):
+        for row, score in zip(rows[start : start + batch_size], scores):
             predicted = max(choices, key=lambda label: score[choices[label]].item())
             correct += predicted == row["label"]
     return correct / len(rows)
@@ -83,17 +90,34 @@ def main() -> int:
     data_dir = out / "data"
     lkd.write_jsonl([chat(r) for r in train_rows], data_dir / "train.jsonl")
     lkd.write_jsonl([chat(r) for r in held_rows], data_dir / "held_out.jsonl")
-    print(f"data: {len(reviews):,} labelled review sentences; training on {len(train_rows)}, held out {len(held_rows)} "
-          f"(written to {data_dir})")
+    print(
+        f"data: {len(reviews):,} labelled review sentences; training on {len(train_rows)}, held out {len(held_rows)} "
+        f"(written to {data_dir})"
+    )
     print(f"model: {model_dir}")
 
     print("\n-- training (the engine behind `lorakit train`) --")
-    config = TrainConfig(model=SMOLLM2, data=str(data_dir / "train.jsonl"), eval_data=str(data_dir / "held_out.jsonl"),
-                         out=str(out), r=8, alpha=16, max_steps=args.steps, batch_size=args.batch_size, lr=1e-3,
-                         warmup_steps=3, max_length=128, eval_batch_size=32,
-                         overwrite=True, seed=0)
-    print(f"  same as: lorakit train --model {SMOLLM2} --data {config.data} --eval-data {config.eval_data} --out {out} "
-          f"--r 8 --alpha 16 --lr 1e-3 --max-steps {args.steps} --batch-size {args.batch_size} --warmup-steps 3 --max-length 128")
+    config = TrainConfig(
+        model=SMOLLM2,
+        data=str(data_dir / "train.jsonl"),
+        eval_data=str(data_dir / "held_out.jsonl"),
+        out=str(out),
+        r=8,
+        alpha=16,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        warmup_steps=3,
+        max_length=128,
+        eval_batch_size=32,
+        overwrite=True,
+        seed=0,
+    )
+    print(
+        f"  same as: lorakit train --model {SMOLLM2} --data {config.data} --eval-data {config.eval_data} --out {out} "
+        f"--r 8 --alpha 16 --lr 1e-3 --max-steps {args.steps} --batch-size {args.batch_size} --warmup-steps 3 "
+        "--max-length 128"
+    )
     result = train(config)
     model, tokenizer = result.model.eval(), result.tokenizer
 
@@ -107,11 +131,17 @@ def main() -> int:
 
     trainable, total = result.trainable, result.total
     print("\n== results ==")
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%, {total / trainable:.0f}x fewer)")
+    print(
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%, {total / trainable:.0f}x "
+        "fewer)"
+    )
     before, after = result.eval_before, result.eval_after
     print(f"held-out ({len(held_rows)} reviews)   loss    perplexity  accuracy")
     print(f"  before (base model)    {before['loss']:6.3f}  {before['perplexity']:10.2f}  {accuracy_before:8.1%}")
-    print(f"  after  (LoRA, {result.steps} steps) {after['loss']:6.3f}  {after['perplexity']:10.2f}  {accuracy_after:8.1%}")
+    print(
+        f"  after  (LoRA, {result.steps} steps) {after['loss']:6.3f}  {after['perplexity']:10.2f}  "
+        f"{accuracy_after:8.1%}"
+    )
     print("  (loss on the answer tokens; accuracy: the true label's first token outscores the other label's)")
     print("\nsame prompts, before -> after:")
     for row, a, b in zip(held_rows, answers_before, answers_after):
@@ -120,10 +150,17 @@ def main() -> int:
 
     adapter_file = result.adapter / "adapter_model.safetensors"
     model_file = model_dir / "model.safetensors"
-    print(f"\nadapter file: {mb(adapter_file):.2f} MB vs model file {mb(model_file):.1f} MB ({mb(model_file) / mb(adapter_file):.0f}x smaller)")
+    print(
+        f"\nadapter file: {mb(adapter_file):.2f} MB vs model file {mb(model_file):.1f} MB "
+        f"({mb(model_file) / mb(adapter_file):.0f}x smaller)"
+    )
 
-    probe = tokenizer([build_prompt(tokenizer, r["text"], SYSTEM) for r in held_rows[:8]], return_tensors="pt",
-                      padding=True, add_special_tokens=False)
+    probe = tokenizer(
+        [build_prompt(tokenizer, r["text"], SYSTEM) for r in held_rows[:8]],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     with torch.no_grad():
         unmerged = model(**probe).logits
         lorakit.merge(model)
@@ -132,9 +169,14 @@ def main() -> int:
         lorakit.unmerge(model)
     difference = (merged - unmerged).abs().max().item()
     same = merged_answer == answers_after[0]
-    print(f"merged vs unmerged: max |logit difference| {difference:.1e} over {probe['input_ids'].numel()} tokens; "
-          f"greedy answer identical: {same}  ->  {'OK' if difference < 1e-3 and same else 'MISMATCH'}")
-    print(f"  (a standalone merged model: lorakit merge --model {SMOLLM2} --adapter {result.adapter} --out {out / 'merged'})")
+    print(
+        f"merged vs unmerged: max |logit difference| {difference:.1e} over {probe['input_ids'].numel()} tokens; "
+        f"greedy answer identical: {same}  ->  {'OK' if difference < 1e-3 and same else 'MISMATCH'}"
+    )
+    print(
+        f"  (a standalone merged model: lorakit merge --model {SMOLLM2} --adapter {result.adapter} --out "
+        f"{out / 'merged'})"
+    )
 
     print(f"\nadapter:  {result.adapter}/ (PEFT format: adapter_config.json + adapter_model.safetensors, run.json)")
     print(f"metrics:  {out / 'metrics.jsonl'}")

@@ -8,8 +8,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit
 
 torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+model = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+).eval()
 ids = torch.randint(0, 256, (4, 32))
 base_logits = model(ids).logits.detach()
 

@@ -62,7 +62,10 @@ def test_truncated_combination_reports_the_svd_error():
     assert report.relative_error[path] == pytest.approx(best_error, rel=1e-6)
     got = (layer.lora_B["small"] @ layer.lora_A["small"]).double()
     assert ((got - expected[path]).norm() / expected[path].norm()).item() == pytest.approx(best_error, rel=1e-5)
-    assert report.relative_error["model.layers.0.self_attn.v_proj"] < 1e-12 or report.ranks["model.layers.0.self_attn.v_proj"] == 3
+    assert (
+        report.relative_error["model.layers.0.self_attn.v_proj"] < 1e-12
+        or report.ranks["model.layers.0.self_attn.v_proj"] == 3
+    )
 
 
 def test_peft_style_averaging_of_a_and_b_is_not_the_sum():

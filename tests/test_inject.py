@@ -44,7 +44,10 @@ def test_all_linear_skips_the_output_head():
 def test_exclude_and_layers_to_transform(llama):
     cfg = LoraConfig(target_modules="all-linear", exclude_modules=["down_proj", "o_proj"], layers_to_transform=[1])
     lorakit.inject(llama, cfg)
-    assert adapted(llama) == [f"model.layers.1.{m}" for m in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj")]
+    assert adapted(llama) == [
+        f"model.layers.1.{m}"
+        for m in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj")
+    ]
 
 
 def test_default_targets_per_architecture():
@@ -54,7 +57,9 @@ def test_default_targets_per_architecture():
 
 
 def test_rank_pattern_sets_per_module_rank():
-    model = lorakit.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}))
+    model = lorakit.inject(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
+    )
     ranks = {p: layer.specs["default"].r for p, layer in lora_layers(model)}
     assert ranks["model.layers.0.self_attn.v_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 4
 
@@ -136,7 +141,11 @@ def test_base_weights_unchanged_after_training_steps(llama):
         opt.zero_grad()
     params = dict(llama.named_parameters())
     for name, value in before.items():
-        wrapped = name.replace(".weight", ".base_layer.weight") if name.replace(".weight", ".base_layer.weight") in params else name
+        wrapped = (
+            name.replace(".weight", ".base_layer.weight")
+            if name.replace(".weight", ".base_layer.weight") in params
+            else name
+        )
         assert torch.equal(params[wrapped], value), name
 
 
@@ -159,4 +168,6 @@ def test_bad_adapter_name_is_refused(llama):
 def test_seed_makes_init_reproducible():
     a = lorakit.inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]), seed=7)
     b = lorakit.inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]), seed=7)
-    assert torch.equal(a.model.layers[1].self_attn.q_proj.lora_A["default"], b.model.layers[1].self_attn.q_proj.lora_A["default"])
+    assert torch.equal(
+        a.model.layers[1].self_attn.q_proj.lora_A["default"], b.model.layers[1].self_attn.q_proj.lora_A["default"]
+    )

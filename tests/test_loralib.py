@@ -1,6 +1,5 @@
 """lorakit.loralib against Microsoft's loralib itself (same weights → same outputs and state dicts)."""
 
-
 import loralib as reference
 import pytest
 import torch
@@ -105,7 +104,9 @@ def test_document_example_runs_with_only_the_import_changed(tmp_path):
     # the checkpoint loads into Microsoft's loralib model of the same shape
     theirs = nn.Sequential()
     theirs.layer = reference.Linear(in_features, out_features, r=16)
-    theirs.layer.load_state_dict({**theirs.layer.state_dict(), "lora_A": state["layer.lora_A"], "lora_B": state["layer.lora_B"]})
+    theirs.layer.load_state_dict(
+        {**theirs.layer.state_dict(), "lora_A": state["layer.lora_A"], "lora_B": state["layer.lora_B"]}
+    )
 
 
 def test_bias_modes_match_loralib():

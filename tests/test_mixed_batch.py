@@ -57,7 +57,9 @@ def test_mixed_batch_backward_matches_per_row_gradients():
     grad_mixed = model.model.layers[0].self_attn.q_proj.lora_B["sql"].grad.clone()
     model.zero_grad()
     alone(model, ids[:1], "sql").logits.sum().backward()
-    torch.testing.assert_close(grad_mixed, model.model.layers[0].self_attn.q_proj.lora_B["sql"].grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        grad_mixed, model.model.layers[0].self_attn.q_proj.lora_B["sql"].grad, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_modules_to_save_and_conv_layers_route_per_row():
@@ -138,7 +140,9 @@ def test_hot_load_delete_and_edit_between_mixed_batches():
         with lorakit.per_row(model, ["first", None, "first"]):
             model(ids)
         for i in range(6):  # more than the stack's first capacity (4), so it grows in place
-            lorakit.inject(model, LoraConfig(r=2 + i % 3, target_modules=["q_proj", "k_proj", "v_proj"]), name=f"new{i}")
+            lorakit.inject(
+                model, LoraConfig(r=2 + i % 3, target_modules=["q_proj", "k_proj", "v_proj"]), name=f"new{i}"
+            )
             randomize_adapter(model, f"new{i}", seed=10 + i)
             with lorakit.per_row(model, [f"new{i}", "first", None]):
                 model(ids)

@@ -28,7 +28,9 @@ def test_real_smollm2_lora_invariants_and_peft_parity(smollm2, tmp_path):
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    batch = tokenizer(["The capital of France is Paris.", "def add(a, b): return a + b"], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["The capital of France is Paris.", "def add(a, b): return a + b"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         base_logits = model(**batch).logits
     lorakit.inject(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), seed=0)

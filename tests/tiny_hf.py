@@ -33,32 +33,72 @@ def tiny_tokenizer(directory: Path):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<pad>", unk_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+    )
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(directory)
     return tokenizer
 
 
 def save_tiny(directory: Path, kind: str) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer(directory)
     vocab = len(tokenizer)
     torch.manual_seed(0)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                             tie_word_embeddings=False, **special))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                tie_word_embeddings=False,
+                **special,
+            )
+        )
     elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=128, **special))
+        model = GPT2LMHeadModel(
+            GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=128, **special)
+        )
     else:
-        model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                         intermediate_size=64, max_position_embeddings=128, num_labels=2, **special))
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+                num_labels=2,
+                **special,
+            )
+        )
     model.save_pretrained(directory)
     return directory
 
@@ -79,7 +119,10 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     text = [{"text": line} for line in CORPUS[:5]] * 4
     pc = [{"prompt": f"Q: {a}\nA:", "completion": f" {b}"} for a, b in zip(CORPUS[:5], CORPUS[1:6])] * 4
-    chat = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]} for r in pc]
+    chat = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in pc
+    ]
     cls = [{"text": CORPUS[1], "label": "positive"}, {"text": CORPUS[2], "label": "negative"}] * 8
     return {
         "text": write_jsonl(root / "text.jsonl", text),

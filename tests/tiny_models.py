@@ -16,8 +16,14 @@ def tiny_llama(seed: int = 0, vocab: int = 128):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -35,8 +41,13 @@ def tiny_bert(seed: int = 0, num_labels: int = 3):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=num_labels,
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -88,4 +99,6 @@ def randomize_adapter(model: nn.Module, name: str, seed: int = 0, std: float = 0
                 for store in (layer.lora_A, layer.lora_B):
                     store[name].copy_(torch.randn(store[name].shape, generator=g) * std)
                 if name in layer.lora_magnitude:
-                    layer.lora_magnitude[name].mul_(1 + 0.1 * torch.randn(layer.lora_magnitude[name].shape, generator=g))
+                    layer.lora_magnitude[name].mul_(
+                        1 + 0.1 * torch.randn(layer.lora_magnitude[name].shape, generator=g)
+                    )

@@ -1,10 +1,10 @@
 """lorakit: LoRA (Low-Rank Adaptation) for any PyTorch model.
 
-    h = W0·x + s·B·A·x,   A (r x k), B (d x r), s = alpha / r,   B = 0 at the start
+h = W0·x + s·B·A·x,   A (r x k), B (d x r), s = alpha / r,   B = 0 at the start
 
-    import lorakit
-    model = lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
-    lorakit.save_adapter(model, "out/sql")
+import lorakit
+model = lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+lorakit.save_adapter(model, "out/sql")
 """
 
 from .adapters import (

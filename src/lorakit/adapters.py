@@ -33,7 +33,9 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
         require_adapter(model, name)
     merged = merged_adapter(model)
     if merged is not None and merged != name:
-        raise LorakitError(f"adapter '{merged}' is merged into the weights; call lorakit.unmerge(model) before switching")
+        raise LorakitError(
+            f"adapter '{merged}' is merged into the weights; call lorakit.unmerge(model) before switching"
+        )
     for _, module in walk(model):
         if isinstance(module, (LoraLayer, SavedModule)):
             module.active = name
@@ -109,7 +111,8 @@ def _check_untied(model: nn.Module) -> None:
         names = owners.get(id(layer.base_layer.weight), [])
         if len(names) > 1 and layer.live_adapter() is not None:
             raise LorakitError(
-                f"'{path}' shares its weight with {names[1] if names[0].startswith(path) else names[0]} (tied embeddings); "
+                f"'{path}' shares its weight with {names[1] if names[0].startswith(path) else names[0]} (tied "
+                "embeddings); "
                 "merging would change both: untie them first or keep the adapter unmerged"
             )
 

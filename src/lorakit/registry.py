@@ -20,7 +20,9 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise LorakitError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-', starting with a letter or '_'")
+        raise LorakitError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' or '-', starting with a letter or '_'"
+        )
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:

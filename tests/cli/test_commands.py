@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli.main import main
-from tiny_hf import data_files, tiny_models  # noqa: F401  (fixtures: tiny saved models, data files)
 
 
 @pytest.fixture
@@ -35,13 +34,29 @@ def cli(capsys):
 
 
 def train_args(model: Path, data: Path, out: Path, *extra) -> list:
-    return ["train", "--model", model, "--data", data, "--out", out, "--batch-size", 4, "--lr", 0.02,
-            "--no-progress", "--no-plot", *extra]
+    return [
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--batch-size",
+        4,
+        "--lr",
+        0.02,
+        "--no-progress",
+        "--no-plot",
+        *extra,
+    ]
 
 
 def test_train_interrupt_and_resume_is_bit_exact(cli, tiny_models, data_files, tmp_path):
     common = ["--max-steps", 40, "--dropout", 0.1, "--eval-fraction", 0.2, "--targets", "q_proj,v_proj,o_proj"]
-    code, out, err = cli(*train_args(tiny_models["llama"], data_files["text"], tmp_path / "straight", *common, "--plot"))
+    code, out, err = cli(
+        *train_args(tiny_models["llama"], data_files["text"], tmp_path / "straight", *common, "--plot")
+    )
     assert code == 0, err
     assert "held-out after" in out and (tmp_path / "straight/loss.png").stat().st_size > 1000
     run = json.loads((tmp_path / "straight/adapter/run.json").read_text())
@@ -60,7 +75,9 @@ def test_train_interrupt_and_resume_is_bit_exact(cli, tiny_models, data_files, t
 
     watcher = threading.Thread(target=interrupt)
     watcher.start()
-    code, _, err = cli(*train_args(tiny_models["llama"], data_files["text"], tmp_path / "cut", *common, "--save-every", 1000))
+    code, _, err = cli(
+        *train_args(tiny_models["llama"], data_files["text"], tmp_path / "cut", *common, "--save-every", 1000)
+    )
     watcher.join()
     assert code == 130, err
     saved = sorted((tmp_path / "cut/checkpoints").iterdir())
@@ -75,15 +92,26 @@ def test_train_interrupt_and_resume_is_bit_exact(cli, tiny_models, data_files, t
     a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "cut/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
-              for d in ("straight", "cut")]
+    losses = [
+        [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ]
+        for d in ("straight", "cut")
+    ]
     assert losses[0] == losses[1]
 
 
 def test_gradient_accumulation_gives_the_same_update(cli, tiny_models, data_files, tmp_path):
     for name, batch, accum in (("one", 4, 1), ("accum", 1, 4)):
-        code, _, err = cli(*train_args(tiny_models["llama"], data_files["pc"], tmp_path / name, "--max-steps", 3),
-                           "--batch-size", batch, "--grad-accum", accum)
+        code, _, err = cli(
+            *train_args(tiny_models["llama"], data_files["pc"], tmp_path / name, "--max-steps", 3),
+            "--batch-size",
+            batch,
+            "--grad-accum",
+            accum,
+        )
         assert code == 0, err
     a = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "accum/adapter/adapter_model.safetensors")
@@ -95,7 +123,9 @@ def test_eval_merge_generate_agree_with_peft_and_transformers(cli, tiny_models, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = tiny_models["gpt2"]
-    code, _, err = cli(*train_args(model_dir, data_files["chat"], tmp_path / "run", "--max-steps", 5, "--targets", "c_attn,c_proj"))
+    code, _, err = cli(
+        *train_args(model_dir, data_files["chat"], tmp_path / "run", "--max-steps", 5, "--targets", "c_attn,c_proj")
+    )
     assert code == 0, err
     adapter = tmp_path / "run/adapter"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -123,26 +153,43 @@ def test_eval_merge_generate_agree_with_peft_and_transformers(cli, tiny_models, 
         assert torch.allclose(merged(**probe).logits, peft_model(**probe).logits, atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors")) == ["model.safetensors"]
 
-    code, out, err = cli("generate", "--model", model_dir, "--adapter", adapter, "--prompt", "what is the answer?", "--max-new-tokens", 6)
+    code, out, err = cli(
+        "generate", "--model", model_dir, "--adapter", adapter, "--prompt", "what is the answer?", "--max-new-tokens", 6
+    )
     assert code == 0, err
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "what is the answer?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "what is the answer?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         reference = merged.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert out.strip() == tokenizer.decode(reference[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    assert out.strip() == tokenizer.decode(reference[0, ids.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_seq_cls_defaults_to_training_the_head(cli, tiny_models, data_files, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    code, _, err = cli(*train_args(tiny_models["bert"], data_files["cls"], tmp_path / "run", "--task", "seq-cls", "--max-steps", 6,
-                                   "--lr", 0.05))
+    code, _, err = cli(
+        *train_args(
+            tiny_models["bert"],
+            data_files["cls"],
+            tmp_path / "run",
+            "--task",
+            "seq-cls",
+            "--max-steps",
+            6,
+            "--lr",
+            0.05,
+        )
+    )
     assert code == 0, err
     adapter = tmp_path / "run/adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
-    code, out, err = cli("eval", "--model", tiny_models["bert"], "--adapter", adapter, "--data", data_files["cls"], "--json")
+    code, out, err = cli(
+        "eval", "--model", tiny_models["bert"], "--adapter", adapter, "--data", data_files["cls"], "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     assert list(result) == ["accuracy", "loss"]
@@ -155,7 +202,9 @@ def test_seq_cls_defaults_to_training_the_head(cli, tiny_models, data_files, tmp
     rows = [json.loads(line) for line in data_files["cls"].read_text().splitlines()]
     with torch.no_grad():
         predicted = [reference(**tokenizer(r["text"], return_tensors="pt")).logits.argmax(-1).item() for r in rows]
-    assert result["accuracy"] == pytest.approx(sum(labels[p] == r["label"] for p, r in zip(predicted, rows)) / len(rows))
+    assert result["accuracy"] == pytest.approx(
+        sum(labels[p] == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+    )
 
 
 def test_inspect_counts_match_peft_and_the_update_spectrum(cli, tiny_models, tmp_path):
@@ -167,7 +216,9 @@ def test_inspect_counts_match_peft_and_the_update_spectrum(cli, tiny_models, tmp
     report = json.loads(out)
     for entry in report["lora"]:
         targets = ["q_proj", "v_proj"] if entry["targets"].startswith("default") else "all-linear"
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), LoraConfig(r=entry["r"], target_modules=targets))
+        peft_model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), LoraConfig(r=entry["r"], target_modules=targets)
+        )
         assert entry["trainable"] == peft_model.get_nb_trainable_parameters()[0]
 
     # An adapter whose update has rank 2 in one layer: inspect must report rank 2 and ||s·B·A||_F.
@@ -200,11 +251,25 @@ def test_bad_inputs_end_with_one_line_and_exit_2(cli, tiny_models, data_files, t
     cases = {
         "does not exist": train_args(llama, tmp_path / "missing.jsonl", tmp_path / "o1"),
         "needs a `text` column": train_args(llama, tmp_path / "wrong.jsonl", tmp_path / "o2"),
-        "is not one of the labels": train_args(bert, data_files["cls"], tmp_path / "o3", "--task", "seq-cls",
-                                                "--eval-data", tmp_path / "unknown_label.jsonl"),
+        "is not one of the labels": train_args(
+            bert,
+            data_files["cls"],
+            tmp_path / "o3",
+            "--task",
+            "seq-cls",
+            "--eval-data",
+            tmp_path / "unknown_label.jsonl",
+        ),
         "has no weights": train_args(tmp_path / "empty_model", data_files["text"], tmp_path / "o4"),
-        "the adapter is for another model": ["eval", "--model", tiny_models["gpt2"], "--adapter", tmp_path / "llama_run/adapter",
-                                             "--data", data_files["text"]],
+        "the adapter is for another model": [
+            "eval",
+            "--model",
+            tiny_models["gpt2"],
+            "--adapter",
+            tmp_path / "llama_run/adapter",
+            "--data",
+            data_files["text"],
+        ],
         "r=0 is invalid": train_args(llama, data_files["text"], tmp_path / "o5", "--r", 0),
         "not an adapter directory": ["merge", "--model", llama, "--adapter", tmp_path, "--out", tmp_path / "o6"],
     }
@@ -226,7 +291,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_mode
         return (loss * float("nan") if calls["n"] == 5 else loss), correct, count
 
     monkeypatch.setattr(trainer, "loss_sum", poisoned)
-    code, _, err = cli(*train_args(tiny_models["llama"], data_files["text"], tmp_path / "run", "--max-steps", 8, "--save-every", 2))
+    code, _, err = cli(
+        *train_args(tiny_models["llama"], data_files["text"], tmp_path / "run", "--max-steps", 8, "--save-every", 2)
+    )
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert "loss became nan at step 5" in last and "step-00000004" in last and "Traceback" not in err
@@ -236,9 +303,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_mode
 
 def test_memory_options(cli, tiny_models, data_files, tmp_path):
     """Gradient checkpointing recomputes exactly; a bf16 base trains fp32 adapters close to the fp32 run."""
-    runs = {"plain": [], "ckpt": ["--gradient-checkpointing"], "bf16": ["--base-dtype", "bf16", "--gradient-checkpointing"]}
+    runs = {
+        "plain": [],
+        "ckpt": ["--gradient-checkpointing"],
+        "bf16": ["--base-dtype", "bf16", "--gradient-checkpointing"],
+    }
     for name, extra in runs.items():
-        code, _, err = cli(*train_args(tiny_models["llama"], data_files["text"], tmp_path / name, "--max-steps", 3, *extra))
+        code, _, err = cli(
+            *train_args(tiny_models["llama"], data_files["text"], tmp_path / name, "--max-steps", 3, *extra)
+        )
         assert code == 0, err
     plain, ckpt, bf16 = (load_file(tmp_path / n / "adapter/adapter_model.safetensors") for n in runs)
     assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)

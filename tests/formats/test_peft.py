@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from tiny_models import conv_inputs, conv_net, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import conv_inputs, conv_net, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
@@ -17,16 +17,32 @@ from lorakit.layers import LoraLayer
 CASES = {
     "llama": (tiny_llama, dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])),
     "llama-dora-rslora": (tiny_llama, dict(r=4, alpha=8, target_modules="all-linear", use_dora=True, use_rslora=True)),
-    "llama-rank-pattern": (tiny_llama, dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})),
+    "llama-rank-pattern": (
+        tiny_llama,
+        dict(
+            r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}
+        ),
+    ),
     "gpt2": (tiny_gpt2, dict(r=4, alpha=16, target_modules=["c_attn", "c_proj"], bias="lora_only")),
     "gpt2-dora": (tiny_gpt2, dict(r=2, alpha=4, target_modules=["c_attn"], use_dora=True)),
-    "bert": (tiny_bert, dict(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all")),
+    "bert": (
+        tiny_bert,
+        dict(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all"),
+    ),
     "conv": (conv_net, dict(r=2, alpha=4, target_modules=["embed", "conv1d", "conv2d", "conv3d", "head"])),
 }
 
-PEFT_FIELDS = {"r": "r", "alpha": "lora_alpha", "target_modules": "target_modules", "use_dora": "use_dora",
-               "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-               "bias": "bias", "modules_to_save": "modules_to_save"}
+PEFT_FIELDS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "target_modules": "target_modules",
+    "use_dora": "use_dora",
+    "use_rslora": "use_rslora",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "bias": "bias",
+    "modules_to_save": "modules_to_save",
+}
 
 
 def run(model, case):
@@ -130,7 +146,9 @@ def test_adapter_for_another_model_is_refused_naming_the_tensor(tmp_path):
 
     bigger = make()
     bigger.model.layers[1].self_attn.v_proj = torch.nn.Linear(32, 24, bias=False)
-    assert_refused_and_unchanged(directory, r"model\.layers\.1\.self_attn\.v_proj\.lora_B.*shape \(16, 4\).*\(24, 4\)", bigger)
+    assert_refused_and_unchanged(
+        directory, r"model\.layers\.1\.self_attn\.v_proj\.lora_B.*shape \(16, 4\).*\(24, 4\)", bigger
+    )
     assert_refused_and_unchanged(directory, "does not have", tiny_gpt2())
 
 

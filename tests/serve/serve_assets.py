@@ -17,7 +17,10 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello world, hello there!",
     "def add(a, b):\n    return a + b\n",
 ] * 4
-CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 # name -> (config, seed); different ranks, targets and a DoRA adapter, all routed per row
 ADAPTERS = {
     "sql": (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1),
@@ -33,8 +36,12 @@ def build_tokenizer(directory: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
@@ -46,9 +53,19 @@ def build_model(vocab: int, eos: int, seed: int = 0, context: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -91,9 +108,15 @@ class Reference:
         lorakit.set_adapter(self.model, adapter)
         eos = self.tokenizer.eos_token_id
         with torch.no_grad():
-            out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                      max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-        return [t for t in out[0, len(prompt_ids):].tolist() if t != eos]
+            out = self.model.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        return [t for t in out[0, len(prompt_ids) :].tolist() if t != eos]
 
     def text(self, adapter: str | None, prompt: str, max_tokens: int) -> str:
         ids = self.ids(adapter, self.tokenizer(prompt)["input_ids"], max_tokens)

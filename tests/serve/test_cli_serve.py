@@ -24,9 +24,24 @@ def _as_background_job() -> None:
 def test_cli_serves_and_stops_cleanly(tmp_path, stop_signal):
     model_dir, adapters_dir = build_assets(tmp_path)
     # PYTHONFAULTHANDLER: if the server ever fails to stop, SIGABRT makes it print every thread's stack (below)
-    process = subprocess.Popen([*LORAKIT, "serve", "--model", str(model_dir), "--adapters", str(adapters_dir), "--port", "0",
-                                "--max-adapters", "2"], stderr=subprocess.PIPE, text=True, preexec_fn=_as_background_job,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+    process = subprocess.Popen(
+        [
+            *LORAKIT,
+            "serve",
+            "--model",
+            str(model_dir),
+            "--adapters",
+            str(adapters_dir),
+            "--port",
+            "0",
+            "--max-adapters",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_background_job,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+    )
     try:
         url, deadline, log = None, time.time() + 120, []
         while url is None and time.time() < deadline:
@@ -42,14 +57,18 @@ def test_cli_serves_and_stops_cleanly(tmp_path, stop_signal):
     finally:
         stopped = _stop(process, stop_signal)
     if stopped != 0:
-        pytest.fail(f"exit code {stopped}" if isinstance(stopped, int) else stopped, pytrace=False)  # the whole text, untruncated
+        pytest.fail(
+            f"exit code {stopped}" if isinstance(stopped, int) else stopped, pytrace=False
+        )  # the whole text, untruncated
 
 
 def _stop(process: subprocess.Popen, stop_signal: int) -> int | str:
     """Signal the server to stop; its exit code, or (if it hangs) every thread's stack as text for the failure."""
     process.send_signal(stop_signal)
     try:
-        process.communicate(timeout=60)  # communicate, not wait: it drains stderr, so a full pipe cannot block the server
+        process.communicate(
+            timeout=60
+        )  # communicate, not wait: it drains stderr, so a full pipe cannot block the server
         return process.returncode
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGABRT)
@@ -62,8 +81,13 @@ def _stop(process: subprocess.Popen, stop_signal: int) -> int | str:
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run([*LORAKIT, "serve", "--model", str(tmp_path), "--adapters", str(tmp_path / "missing")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [*LORAKIT, "serve", "--model", str(tmp_path), "--adapters", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"lorakit serve: error: --adapters {tmp_path / 'missing'} is not a folder; give the folder that holds one subfolder per adapter"]
+        f"lorakit serve: error: --adapters {tmp_path / 'missing'} is not a folder; give the folder that holds one "
+        "subfolder per adapter"
+    ]

@@ -24,12 +24,17 @@ def assets(tmp_path_factory):
 def make_engine(model_dir, adapters_dir, capacity=8, **kwargs):
     tokenizer = load_tokenizer(str(model_dir))
     cache = AdapterCache(load_model(str(model_dir)), adapters_dir, capacity=capacity)
-    return Engine(cache.model, cache, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.eos_token_id, **kwargs)
+    return Engine(
+        cache.model, cache, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.eos_token_id, **kwargs
+    )
 
 
 def prompts(count, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 300, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist() for _ in range(count)]
+    return [
+        torch.randint(0, 300, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(count)
+    ]
 
 
 def tokens_and_reason(request):
@@ -45,7 +50,9 @@ def test_requests_joining_between_decode_steps_match_alone(assets):
     for wave in range(4):  # new requests arrive while earlier ones are mid-generation
         for i, ids in enumerate(prompts(4, seed=wave)):
             name, max_tokens = names[(wave + i) % len(names)], 3 + (wave * 4 + i) % 9
-            jobs.append((name, ids, max_tokens, engine.submit(ids, name, SamplingParams(max_tokens=max_tokens, temperature=0))))
+            jobs.append(
+                (name, ids, max_tokens, engine.submit(ids, name, SamplingParams(max_tokens=max_tokens, temperature=0)))
+            )
         for _ in range(wave + 1):
             engine.step()
         assert len(engine.rows) <= 5

@@ -29,8 +29,15 @@ PROMPTS = ["SELECT name FROM", "Shall I compare", "The quick brown", "def add(a,
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model_dir, adapters_dir = build_assets(root)
-    server = create_server(load_model(str(model_dir)), load_tokenizer(str(model_dir)), adapters_dir, name=BASE, port=0,
-                           max_batch=8, max_adapters=2)
+    server = create_server(
+        load_model(str(model_dir)),
+        load_tokenizer(str(model_dir)),
+        adapters_dir,
+        name=BASE,
+        port=0,
+        max_batch=8,
+        max_adapters=2,
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -39,7 +46,9 @@ def served(tmp_path_factory):
 
 
 def post(server, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        server.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -50,8 +59,10 @@ def post(server, path: str, data: bytes, headers: dict | None = None) -> tuple[i
 def test_concurrent_completions_equal_each_adapter_alone(served):
     """Requests for different adapters (and the base) are batched together, with LRU size 2 < 3."""
     server, client, reference, _ = served
-    jobs = [(name, prompt, 4 + (i % 5)) for i, (name, prompt) in
-            enumerate((n, p) for p in PROMPTS for n in [BASE, *ADAPTERS])]
+    jobs = [
+        (name, prompt, 4 + (i % 5))
+        for i, (name, prompt) in enumerate((n, p) for p in PROMPTS for n in [BASE, *ADAPTERS])
+    ]
 
     def ask(job):
         name, prompt, max_tokens = job
@@ -71,8 +82,16 @@ def test_concurrent_completions_equal_each_adapter_alone(served):
 def test_chat_streaming_and_multiple_prompts(served):
     _, client, reference, _ = served
     messages = [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": "Hello there"}]
-    chunks = list(client.chat.completions.create(model="poet", messages=messages, max_tokens=12, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="poet",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reference.chat("poet", messages, 12)
@@ -82,8 +101,10 @@ def test_chat_streaming_and_multiple_prompts(served):
     whole = client.chat.completions.create(model="poet", messages=messages, max_tokens=12, temperature=0)
     assert whole.choices[0].message.content == text and whole.object == "chat.completion"
 
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=9,
-                                                                             temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=9, temperature=0, stream=True)
+    )
     assert streamed == reference.text("sql", PROMPTS[0], 9)
     several = client.completions.create(model="dora_bot", prompt=PROMPTS[:3], max_tokens=5, temperature=0)
     assert [c.text for c in several.choices] == [reference.text("dora_bot", p, 5) for p in PROMPTS[:3]]
@@ -95,12 +116,22 @@ def test_stop_strings_and_seeded_sampling(served):
     stop = full[3:5]
     cut = client.completions.create(model="sql", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=[stop, "zzz"])
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="sql", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="sql", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == cut.choices[0].text
 
     def sample(seed):
-        return client.completions.create(model="poet", prompt=PROMPTS[2], max_tokens=8, temperature=1.0, top_p=0.9, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model="poet", prompt=PROMPTS[2], max_tokens=8, temperature=1.0, top_p=0.9, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     with ThreadPoolExecutor(4) as pool:  # the same seed gives the same text, batched or not
         texts = list(pool.map(sample, [7, 7, 8, 7]))

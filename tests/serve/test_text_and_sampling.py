@@ -44,8 +44,14 @@ def test_unfinished_utf8_is_held_back_and_flushed():
 
 
 def test_sampling_params_validation():
-    for bad, match in (({"max_tokens": 0}, "max_tokens"), ({"temperature": 2.5}, "temperature"), ({"top_p": -0.1}, "top_p"),
-                       ({"stop": ["a", ""]}, "stop"), ({"stop": list("abcde")}, "stop"), ({"seed": "1"}, "seed")):
+    for bad, match in (
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"stop": ["a", ""]}, "stop"),
+        ({"stop": list("abcde")}, "stop"),
+        ({"seed": "1"}, "seed"),
+    ):
         with pytest.raises(LorakitError, match=match):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]
@@ -72,6 +78,8 @@ def test_sampler_greedy_nucleus_seed_and_distribution():
     expected = torch.softmax(logits[0] / 0.5, 0) * 3000
     assert ((counts - expected).abs() < 5 * expected.sqrt() + 5).all()
 
-    nucleus = SamplingParams(temperature=1.0, top_p=0.6, seed=1)  # p = .64 (token 1), .24, .09, .03: the 0.6 nucleus is token 1
+    nucleus = SamplingParams(
+        temperature=1.0, top_p=0.6, seed=1
+    )  # p = .64 (token 1), .24, .09, .03: the 0.6 nucleus is token 1
     g = nucleus.generator()
     assert {sample_rows(logits[:1], [nucleus], [g])[0] for _ in range(50)} == {1}

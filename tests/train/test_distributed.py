@@ -6,19 +6,55 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-from tiny_hf import data_files, tiny_models  # noqa: F401  (fixtures: tiny saved models, data files)
 
 
 def test_two_processes_match_one(tiny_models, data_files, tmp_path):
-    common = ["train", "--model", str(tiny_models["llama"]), "--data", str(data_files["pc"]), "--eval-fraction", "0.2",
-              "--max-steps", "4", "--lr", "0.02", "--no-progress", "--no-plot", "--device", "cpu"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_models["llama"]),
+        "--data",
+        str(data_files["pc"]),
+        "--eval-fraction",
+        "0.2",
+        "--max-steps",
+        "4",
+        "--lr",
+        "0.02",
+        "--no-progress",
+        "--no-plot",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "lorakit", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=240)
+    one = subprocess.run(
+        [sys.executable, "-m", "lorakit", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "lorakit", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=240)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lorakit",
+            *common,
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "two/adapter/adapter_model.safetensors")

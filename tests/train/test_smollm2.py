@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lorakit import datasets as lkd
 from lorakit.train import TrainConfig, train
+from lorakit_lab import real_data as lkd
 
 SYSTEM = "Classify the sentiment of the movie review as positive or negative."
 
@@ -14,12 +14,32 @@ SYSTEM = "Classify the sentiment of the movie review as positive or negative."
 def test_real_smollm2_held_out_loss_falls(tmp_path):
     rows = [r for r in lkd.movie_reviews() if len(r["text"]) < 120]
     train_rows, held_rows = lkd.split(rows, 0.1, seed=1)
-    chat = lambda r: {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["text"]},  # noqa: E731
-                                   {"role": "assistant", "content": r["label"]}]}
+
+    def chat(r):
+        return {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": r["text"]},
+                {"role": "assistant", "content": r["label"]},
+            ]
+        }
+
     lkd.write_jsonl([chat(r) for r in train_rows[:32]], tmp_path / "train.jsonl")
     lkd.write_jsonl([chat(r) for r in held_rows[:16]], tmp_path / "held.jsonl")
-    result = train(TrainConfig(model="smollm2-135m-instruct", data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "held.jsonl"),
-                               out=str(tmp_path / "run"), max_steps=4, batch_size=8, lr=1e-3, max_length=96, progress=False, plot=False))
+    result = train(
+        TrainConfig(
+            model="smollm2-135m-instruct",
+            data=str(tmp_path / "train.jsonl"),
+            eval_data=str(tmp_path / "held.jsonl"),
+            out=str(tmp_path / "run"),
+            max_steps=4,
+            batch_size=8,
+            lr=1e-3,
+            max_length=96,
+            progress=False,
+            plot=False,
+        )
+    )
     assert result.trainable == 30 * 8 * ((576 + 576) + (192 + 576))  # q_proj, v_proj in 30 layers: r·(d + k)
     assert result.eval_after["loss"] < 0.7 * result.eval_before["loss"], (result.eval_before, result.eval_after)
     config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())

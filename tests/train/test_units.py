@@ -12,7 +12,6 @@ from lorakit.train.batches import StepPlan
 from lorakit.train.data import IGNORE, Example, collate, encode
 from lorakit.train.objective import loss_sum
 from lorakit.train.trainer import lr_factor
-from tiny_hf import data_files, tiny_models  # noqa: F401  (fixtures: tiny saved models, data files)
 
 
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 3), ("linear", 2), ("constant", 4)])
@@ -20,7 +19,10 @@ def test_schedule_matches_transformers(schedule, warmup):
     import transformers
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    make = {"cosine": transformers.get_cosine_schedule_with_warmup, "linear": transformers.get_linear_schedule_with_warmup}
+    make = {
+        "cosine": transformers.get_cosine_schedule_with_warmup,
+        "linear": transformers.get_linear_schedule_with_warmup,
+    }
     if schedule == "constant":
         reference = transformers.get_constant_schedule_with_warmup(optimizer, warmup)
     else:
@@ -43,7 +45,9 @@ def test_step_plan_covers_each_epoch_once_and_splits_steps_exactly():
 
 
 def test_yaml_then_flags(tmp_path):
-    (tmp_path / "run.yaml").write_text("model: m\ndata: d.jsonl\nout: o\nr: 4\nlr: 0.001\ntargets: q_proj,v_proj\nmax-steps: 7\n")
+    (tmp_path / "run.yaml").write_text(
+        "model: m\ndata: d.jsonl\nout: o\nr: 4\nlr: 0.001\ntargets: q_proj,v_proj\nmax-steps: 7\n"
+    )
     cfg = TrainConfig.from_sources(str(tmp_path / "run.yaml"), {"r": 2, "lr": None})
     assert (cfg.r, cfg.lr, cfg.targets, cfg.max_steps) == (2, 0.001, ["q_proj", "v_proj"], 7)
     (tmp_path / "bad.yaml").write_text("model: m\nrank: 4\n")
@@ -57,8 +61,16 @@ def test_chat_and_completion_targets(tiny_models):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    rows = [{"messages": [{"role": "user", "content": "what is the answer?"}, {"role": "assistant", "content": "forty two"},
-                          {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "on the mat"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "what is the answer?"},
+                {"role": "assistant", "content": "forty two"},
+                {"role": "user", "content": "and the cat?"},
+                {"role": "assistant", "content": "on the mat"},
+            ]
+        }
+    ]
     (example,), _ = encode(rows, tokenizer, "causal-lm", 512, None, "chat.jsonl")
     assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False)
     learned = tokenizer.decode([t for t in example.labels if t != IGNORE])
@@ -83,7 +95,9 @@ def test_loss_sum_equals_transformers_token_mean(tiny_models):
     batch = collate(examples, pad_id=0)
     with torch.no_grad():
         total, _, count = loss_sum(model, batch, "causal-lm")
-        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        reference = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
     assert count == sum(e.n_targets for e in examples) == 3 + 3 + 2
     assert math.isclose(total.item() / count, reference.item(), rel_tol=1e-5)
 
@@ -95,12 +109,26 @@ def test_csv_and_txt_files_and_classifier_heads(tmp_path):
     from lorakit.train.trainer import classifier_heads
 
     (tmp_path / "d.csv").write_text('text,label\n"a good, warm film",1\nslow and dull,0\n')
-    assert load_rows(str(tmp_path / "d.csv")) == [{"text": "a good, warm film", "label": 1}, {"text": "slow and dull", "label": 0}]
+    assert load_rows(str(tmp_path / "d.csv")) == [
+        {"text": "a good, warm film", "label": 1},
+        {"text": "slow and dull", "label": 0},
+    ]
     (tmp_path / "d.txt").write_text("To be, or not to be:\nthat is the question.\n\nWhat's in a name?\n")
-    assert [r["text"].strip() for r in load_rows(str(tmp_path / "d.txt"))] == ["To be, or not to be:\nthat is the question.", "What's in a name?"]
+    assert [r["text"].strip() for r in load_rows(str(tmp_path / "d.txt"))] == [
+        "To be, or not to be:\nthat is the question.",
+        "What's in a name?",
+    ]
     (tmp_path / "d.parquet").touch()
     with pytest.raises(LorakitError, match="unsupported file type"):
         load_rows(str(tmp_path / "d.parquet"))
-    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=2, num_labels=2))
+    llama = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_labels=2,
+        )
+    )
     assert classifier_heads(llama) == ["score"]

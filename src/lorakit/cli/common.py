@@ -20,15 +20,22 @@ _HEAD_WEIGHT = re.compile(r"\.(score|classifier|classifier\.out_proj)\.weight$")
 
 
 def add_model_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required, metavar="PATH_OR_ID",
-                        help="a Hugging Face model folder, a hub id, or smollm2-135m-instruct (the offline SmolLM2)")
+    parser.add_argument(
+        "--model",
+        required=required,
+        metavar="PATH_OR_ID",
+        help="a Hugging Face model folder, a hub id, or smollm2-135m-instruct (the offline SmolLM2)",
+    )
 
 
 def adapter_info(directory: str) -> dict[str, Any]:
     """{"task", "labels", "base_model"} of an adapter directory, from run.json or adapter_config.json."""
     path = Path(directory)
     if not (path / CONFIG_FILE).is_file():
-        raise LorakitError(f"--adapter {directory} is not an adapter directory (no {CONFIG_FILE}); give the folder `lorakit train` wrote, e.g. RUN/adapter")
+        raise LorakitError(
+            f"--adapter {directory} is not an adapter directory (no {CONFIG_FILE}); give the folder `lorakit train` "
+            "wrote, e.g. RUN/adapter"
+        )
     info: dict[str, Any] = {}
     if (path / "run.json").is_file():
         try:
@@ -46,8 +53,9 @@ def adapter_info(directory: str) -> dict[str, Any]:
     return info
 
 
-def load_with_adapters(model_id: str, adapters: list[str], task: str | None = None,
-                       names: list[str] | None = None) -> tuple[Any, Any, str, list | None]:
+def load_with_adapters(
+    model_id: str, adapters: list[str], task: str | None = None, names: list[str] | None = None
+) -> tuple[Any, Any, str, list | None]:
     """(model, tokenizer, task, labels) with each adapter loaded (the last one active); eval mode."""
     import lorakit
 
@@ -56,12 +64,19 @@ def load_with_adapters(model_id: str, adapters: list[str], task: str | None = No
     if task is None:
         task = infos[0]["task"] if infos else "causal-lm"
     if tasks and tasks != {task}:
-        raise LorakitError(f"the adapters are for {', '.join(sorted(tasks))} but --task is {task}; drop --task or pick matching adapters")
+        raise LorakitError(
+            f"the adapters are for {', '.join(sorted(tasks))} but --task is {task}; drop --task or pick matching "
+            "adapters"
+        )
     labels = next((i["labels"] for i in infos if i.get("labels")), None)
     extra: dict[str, Any] = {}
     if task == "seq-cls" and labels:
-        extra = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
-                 "label2id": {str(v): i for i, v in enumerate(labels)}, "ignore_mismatched_sizes": True}
+        extra = {
+            "num_labels": len(labels),
+            "id2label": {i: str(v) for i, v in enumerate(labels)},
+            "label2id": {str(v): i for i, v in enumerate(labels)},
+            "ignore_mismatched_sizes": True,
+        }
     tokenizer = load_tokenizer(model_id)
     model = load_model(model_id, task=task, **extra)
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:

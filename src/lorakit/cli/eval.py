@@ -9,10 +9,15 @@ from .common import add_model_argument, load_with_adapters, quiet_transformers
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="loss/perplexity or accuracy of a model (+ adapter) on a data file",
-                              description=__doc__ + "\n\nThe data file has the same columns as for `lorakit train`.")
+    p = subparsers.add_parser(
+        "eval",
+        help="loss/perplexity or accuracy of a model (+ adapter) on a data file",
+        description=__doc__ + "\n\nThe data file has the same columns as for `lorakit train`.",
+    )
     add_model_argument(p)
-    p.add_argument("--adapter", metavar="DIR", help="adapter folder (e.g. RUN/adapter); without it the base model is scored")
+    p.add_argument(
+        "--adapter", metavar="DIR", help="adapter folder (e.g. RUN/adapter); without it the base model is scored"
+    )
     p.add_argument("--data", required=True, metavar="FILE", help=".jsonl/.json/.csv/.txt with the training columns")
     p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's task, else causal-lm")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
@@ -36,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if task == "seq-cls" and labels is None:
         labels = label_set(rows, args.data)
         if len(labels) != model.config.num_labels:
-            raise LorakitError(f"--data has {len(labels)} labels but the model's head has {model.config.num_labels}; give the adapter trained for them")
+            raise LorakitError(
+                f"--data has {len(labels)} labels but the model's head has {model.config.num_labels}; give the "
+                "adapter trained for them"
+            )
     examples, _ = encode(rows, tokenizer, task, args.max_length, labels, args.data)
     device = pick_device(args.device)
     metrics = evaluate(model.to(device), examples, task, args.batch_size, tokenizer.pad_token_id, device)

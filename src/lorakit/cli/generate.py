@@ -14,10 +14,20 @@ from .common import add_model_argument, load_with_adapters, quiet_transformers
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text with a model and adapter(s)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with a model and adapter(s)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_argument(p)
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]", help="adapter folder; repeat to combine adapters")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR[:WEIGHT]",
+        help="adapter folder; repeat to combine adapters",
+    )
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw); - reads stdin")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -50,17 +60,28 @@ def build_prompt(tokenizer, prompt: str, system: str | None = None, raw: bool = 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def generate_text(model, tokenizer, text: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                  templated: bool = True) -> str:
+def generate_text(
+    model,
+    tokenizer,
+    text: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    templated: bool = True,
+) -> str:
     """The continuation of `text` (special tokens dropped); a templated text already has its special tokens."""
     import torch
 
     device = next(model.parameters()).device
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+        )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,11 +24,22 @@ DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="targetable layers and LoRA sizes of a model, or the contents of an adapter",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", nargs="?", metavar="MODEL_OR_ADAPTER", help="model folder / hub id / smollm2-135m-instruct, or an adapter folder")
+    p = subparsers.add_parser(
+        "inspect",
+        help="targetable layers and LoRA sizes of a model, or the contents of an adapter",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "path",
+        nargs="?",
+        metavar="MODEL_OR_ADAPTER",
+        help="model folder / hub id / smollm2-135m-instruct, or an adapter folder",
+    )
     p.add_argument("--model", metavar="PATH_OR_ID", help="the model to inspect (same as the positional argument)")
-    p.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)), metavar="R,R", help="ranks for the parameter table")
+    p.add_argument(
+        "--ranks", default=",".join(map(str, DEFAULT_RANKS)), metavar="R,R", help="ranks for the parameter table"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(run=run)
 
@@ -36,7 +47,9 @@ def add_parser(subparsers) -> None:
 def _table(rows: list[tuple], header: tuple) -> str:
     cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
+    )
 
 
 # ----- adapters --------------------------------------------------------------------------------
@@ -85,22 +98,53 @@ def inspect_adapter(directory: Path) -> dict[str, Any]:
         layers.append({"module": path, "shape": f"{dims[0]} x {dims[1]}", "r": r, "scale": scale, **stats})
     size = (directory / WEIGHTS_FILE).stat().st_size
     return {
-        "adapter": str(directory), "base_model": config.get("base_model_name_or_path"), "task_type": config.get("task_type"),
-        "r": config.get("r"), "lora_alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
-        "modules_to_save": config.get("modules_to_save"), "use_dora": config.get("use_dora", False),
-        "use_rslora": config.get("use_rslora", False), "file_bytes": size, "tensors": len(tensors),
-        "parameters": sum(t.numel() for t in tensors.values()), "full_module_parameters": others, "layers": layers,
+        "adapter": str(directory),
+        "base_model": config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "modules_to_save": config.get("modules_to_save"),
+        "use_dora": config.get("use_dora", False),
+        "use_rslora": config.get("use_rslora", False),
+        "file_bytes": size,
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "full_module_parameters": others,
+        "layers": layers,
     }
 
 
 def print_adapter(report: dict[str, Any]) -> None:
-    print(f"adapter {report['adapter']}: PEFT LoRA for {report['base_model'] or 'an unnamed model'} ({report['task_type'] or 'no task type'})")
-    print(f"r={report['r']} lora_alpha={report['lora_alpha']} targets={report['target_modules']} dora={report['use_dora']} "
-          f"rslora={report['use_rslora']} modules_to_save={report['modules_to_save']}")
-    print(f"size: {report['file_bytes'] / 1e6:.3f} MB, {report['tensors']} tensors, {report['parameters']:,} parameters"
-          + (f" ({report['full_module_parameters']:,} in fully saved modules)" if report["full_module_parameters"] else ""))
-    rows = [(l["module"], l["shape"], l["r"], f"{l['scale']:.3g}", l["rank"], f"{l['effective_rank']:.2f}", f"{l['norm']:.4g}")
-            for l in report["layers"]]
+    print(
+        f"adapter {report['adapter']}: PEFT LoRA for {report['base_model'] or 'an unnamed model'} "
+        f"({report['task_type'] or 'no task type'})"
+    )
+    print(
+        f"r={report['r']} lora_alpha={report['lora_alpha']} targets={report['target_modules']} "
+        f"dora={report['use_dora']} "
+        f"rslora={report['use_rslora']} modules_to_save={report['modules_to_save']}"
+    )
+    print(
+        f"size: {report['file_bytes'] / 1e6:.3f} MB, {report['tensors']} tensors, {report['parameters']:,} parameters"
+        + (
+            f" ({report['full_module_parameters']:,} in fully saved modules)"
+            if report["full_module_parameters"]
+            else ""
+        )
+    )
+    rows = [
+        (
+            layer["module"],
+            layer["shape"],
+            layer["r"],
+            f"{layer['scale']:.3g}",
+            layer["rank"],
+            f"{layer['effective_rank']:.2f}",
+            f"{layer['norm']:.4g}",
+        )
+        for layer in report["layers"]
+    ]
     print(_table(rows, ("module", "d x k", "r", "scale", "rank(ΔW)", "eff. rank", "||ΔW||_F")))
 
 
@@ -155,7 +199,9 @@ def inspect_model(name: str, ranks: list[int]) -> dict[str, Any]:
             shape = " x ".join(map(str, weight.shape))
             key = (path.rsplit(".", 1)[-1], type(module).__name__, shape, path in heads)
             groups[key] = groups.get(key, 0) + 1
-    layers = [{"name": n, "type": t, "weight_shape": s, "count": c, "output_head": h} for (n, t, s, h), c in groups.items()]
+    layers = [
+        {"name": n, "type": t, "weight_shape": s, "count": c, "output_head": h} for (n, t, s, h), c in groups.items()
+    ]
     model_type = getattr(model.config, "model_type", None)
     target_sets = {}
     if model_type in DEFAULT_TARGETS:
@@ -165,15 +211,27 @@ def inspect_model(name: str, ranks: list[int]) -> dict[str, Any]:
     for label, targets in target_sets.items():
         for r in ranks:
             n_layers, params = lora_parameters(model, targets, r)
-            per_rank.append({"targets": label, "r": r, "layers": n_layers, "trainable": params, "percent": 100 * params / total})
-    return {"model": name, "model_type": model_type, "class": type(model).__name__, "parameters": total,
-            "default_targets": DEFAULT_TARGETS.get(model_type), "layers": layers, "lora": per_rank}
+            per_rank.append(
+                {"targets": label, "r": r, "layers": n_layers, "trainable": params, "percent": 100 * params / total}
+            )
+    return {
+        "model": name,
+        "model_type": model_type,
+        "class": type(model).__name__,
+        "parameters": total,
+        "default_targets": DEFAULT_TARGETS.get(model_type),
+        "layers": layers,
+        "lora": per_rank,
+    }
 
 
 def print_model(report: dict[str, Any]) -> None:
     print(f"model {report['model']}: {report['class']} ({report['model_type']}), {report['parameters']:,} parameters")
     print("\nlayers LoRA can adapt (grouped by name):")
-    rows = [(l["name"] + (" (output head)" if l["output_head"] else ""), l["type"], l["weight_shape"], l["count"]) for l in report["layers"]]
+    rows = [
+        (row["name"] + (" (output head)" if row["output_head"] else ""), row["type"], row["weight_shape"], row["count"])
+        for row in report["layers"]
+    ]
     print(_table(rows, ("name", "type", "weight", "count")))
     print("\ntrainable parameters of a LoRA adapter, r·(d + k) per layer:")
     rows = [(e["targets"], e["r"], e["layers"], f"{e['trainable']:,}", f"{e['percent']:.3f}%") for e in report["lora"]]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from ..errors import LorakitError
 
 # subcommand -> module under lorakit.cli that defines add_parser(subparsers) and run(args)
-SUBCOMMANDS: list[str] = ["train", "eval", "generate", "merge", "inspect", "experiment", "serve"]
+SUBCOMMANDS: list[str] = ["train", "eval", "generate", "merge", "inspect", "serve"]
+# Other packages add subcommands through this entry-point group (the lab adds `experiment`), so the
+# library never imports them.
+PLUGIN_GROUP = "lorakit.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"lorakit.cli.{name.replace('-', '_')}").add_parser(subparsers)
+    for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda p: p.name):
+        plugin.load()(subparsers)
     return parser
 
 

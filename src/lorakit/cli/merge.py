@@ -16,12 +16,23 @@ CHECK_TEXT = "LoRA adds a low-rank update to a frozen weight."
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge an adapter into the model and save it (Hugging Face layout)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "merge",
+        help="merge an adapter into the model and save it (Hugging Face layout)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_argument(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (e.g. RUN/adapter)")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the merged model goes (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights (default fp32)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where the merged model goes (config.json, model.safetensors, tokenizer)",
+    )
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights (default fp32)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(run=run)
 
@@ -47,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     difference = (merged - adapted).abs().max().item()
     scale = adapted.abs().max().item()
     if not difference <= 1e-4 * max(1.0, scale):
-        raise LorakitError(f"the merged model's outputs differ from the adapter's by {difference:.3g}; the adapter may hold non-finite values")
+        raise LorakitError(
+            f"the merged model's outputs differ from the adapter's by {difference:.3g}; the adapter may hold "
+            "non-finite values"
+        )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model.to(dtype)
     model.config.use_cache = True

@@ -23,16 +23,30 @@ from .common import add_model_argument
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve the base model and many adapters over an OpenAI-compatible API",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the base model and many adapters over an OpenAI-compatible API",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_argument(p)
-    p.add_argument("--adapters", metavar="DIR", help="folder of adapter folders (PEFT layout); omit to serve the base model only")
+    p.add_argument(
+        "--adapters", metavar="DIR", help="folder of adapter folders (PEFT layout); omit to serve the base model only"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the base model's name in the API (default: the --model folder's name or id)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N", help="requests decoded together (default 32)")
-    p.add_argument("--max-adapters", type=int, default=32, metavar="N", help="adapters kept in memory, LRU (default 32)")
-    p.add_argument("--max-prefill-tokens", type=int, default=2048, metavar="N", help="prompt tokens prefilled per step (default 2048)")
+    p.add_argument(
+        "--max-adapters", type=int, default=32, metavar="N", help="adapters kept in memory, LRU (default 32)"
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="prompt tokens prefilled per step (default 2048)",
+    )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=run)
@@ -46,22 +60,38 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import create_server
     from .common import quiet_transformers
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s lorakit serve: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s lorakit serve: %(message)s", stream=sys.stderr
+    )
     quiet_transformers()
     if not 0 <= args.port <= 65535:
         raise LorakitError(f"--port {args.port} is invalid: use 0-65535 (0 picks a free port)")
     if args.adapters is not None and not Path(args.adapters).is_dir():
-        raise LorakitError(f"--adapters {args.adapters} is not a folder; give the folder that holds one subfolder per adapter")
+        raise LorakitError(
+            f"--adapters {args.adapters} is not a folder; give the folder that holds one subfolder per adapter"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    server = create_server(model, tokenizer, args.adapters, name=name, aliases=(args.model,), host=args.host, port=args.port,
-                           max_batch=args.max_batch, max_adapters=args.max_adapters, max_prefill_tokens=args.max_prefill_tokens)
+    server = create_server(
+        model,
+        tokenizer,
+        args.adapters,
+        name=name,
+        aliases=(args.model,),
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_adapters=args.max_adapters,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
     adapters = server.app.engine.adapters
     count = len(adapters.available()) if adapters is not None else 0
-    logging.getLogger("lorakit.serve").info("serving '%s' and %d adapter(s) on %s/v1 (Ctrl-C stops)", name, count, server.url)
+    logging.getLogger("lorakit.serve").info(
+        "serving '%s' and %d adapter(s) on %s/v1 (Ctrl-C stops)", name, count, server.url
+    )
     previous = _stop_on_signals()
     try:
         server.serve_forever()
@@ -80,6 +110,7 @@ def _stop_on_signals() -> dict:
     Explicit because a shell starts background jobs with SIGINT ignored, and Python then never installs its
     KeyboardInterrupt handler: without this, `lorakit serve ... &` could not be stopped with kill -INT.
     """
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 

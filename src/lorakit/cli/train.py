@@ -22,15 +22,28 @@ EXAMPLES = """examples:
 
 
 def _switch(parser, name: str, help: str) -> None:
-    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None, help=help)
+    parser.add_argument(
+        f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None, help=help
+    )
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="fine-tune a LoRA adapter on a data file",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="YAML", help="settings file; its keys are these flags' names (flags given here win)")
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter on a data file",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", metavar="YAML", help="settings file; its keys are these flags' names (flags given here win)"
+    )
     add_model_argument(p, required=False)
-    p.add_argument("--data", metavar="FILE", help=".jsonl/.json/.csv/.txt: text | prompt+completion | messages (causal-lm); text+label (seq-cls)")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help=".jsonl/.json/.csv/.txt: text | prompt+completion | messages (causal-lm); text+label (seq-cls)",
+    )
     p.add_argument("--eval-data", metavar="FILE", help="held-out file with the same columns")
     p.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction of --data instead (seeded)")
     p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default causal-lm")
@@ -39,10 +52,18 @@ def add_parser(subparsers) -> None:
     lora.add_argument("--r", type=int, help="rank (default 8)")
     lora.add_argument("--alpha", type=float, help="scale = alpha / r (default 16)")
     lora.add_argument("--dropout", type=float, help="dropout on the adapter input (default 0)")
-    lora.add_argument("--targets", metavar="NAMES", help="comma-separated module names, a regex, or all-linear (default: per architecture)")
+    lora.add_argument(
+        "--targets",
+        metavar="NAMES",
+        help="comma-separated module names, a regex, or all-linear (default: per architecture)",
+    )
     lora.add_argument("--exclude", metavar="NAMES", help="comma-separated module names never adapted")
-    lora.add_argument("--modules-to-save", metavar="NAMES", help="modules trained in full (default for seq-cls: the classifier head)")
-    lora.add_argument("--init", choices=["kaiming", "gaussian", "pissa"], help="adapter initialisation (default kaiming)")
+    lora.add_argument(
+        "--modules-to-save", metavar="NAMES", help="modules trained in full (default for seq-cls: the classifier head)"
+    )
+    lora.add_argument(
+        "--init", choices=["kaiming", "gaussian", "pissa"], help="adapter initialisation (default kaiming)"
+    )
     _switch(lora, "use-rslora", "scale alpha / sqrt(r)")
     _switch(lora, "use-dora", "DoRA: weight-decomposed LoRA")
     opt = p.add_argument_group("optimisation")
@@ -64,9 +85,13 @@ def add_parser(subparsers) -> None:
     mem.add_argument("--base-dtype", choices=["fp32", "bf16"], help="store the frozen base in bf16; adapters stay fp32")
     mem.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     run = p.add_argument_group("evaluation, checkpoints, output")
-    run.add_argument("--eval-every", type=int, metavar="N", help="held-out evaluation every N steps (always at start and end)")
+    run.add_argument(
+        "--eval-every", type=int, metavar="N", help="held-out evaluation every N steps (always at start and end)"
+    )
     run.add_argument("--eval-batch-size", type=int, metavar="N")
-    run.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (always at the end and on Ctrl-C)")
+    run.add_argument(
+        "--save-every", type=int, metavar="N", help="checkpoint every N steps (always at the end and on Ctrl-C)"
+    )
     run.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept (default 2)")
     run.add_argument("--log-every", type=int, metavar="N", help="write a metrics row every N steps (default 1)")
     _switch(run, "resume", "continue from the newest checkpoint in --out")
@@ -124,12 +149,17 @@ def run_command(args: argparse.Namespace) -> int:
         return 130 if result.interrupted else 0
     if result.interrupted:
         return 130
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s; trainable parameters {result.trainable:,} of {result.total:,} "
-          f"({100 * result.trainable / result.total:.3f}%)")
+    print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s; trainable parameters {result.trainable:,} of "
+        f"{result.total:,} "
+        f"({100 * result.trainable / result.total:.3f}%)"
+    )
     if result.eval_after:
         print(f"held-out before: {_metrics(result.eval_before)}")
         print(f"held-out after:  {_metrics(result.eval_after)}")
     out = Path(config.out)
-    print(f"adapter: {result.adapter} ({_size(result.adapter)}); metrics: {out / 'metrics.jsonl'}"
-          + (f"; plot: {out / 'loss.png'}" if (out / "loss.png").is_file() else ""))
+    print(
+        f"adapter: {result.adapter} ({_size(result.adapter)}); metrics: {out / 'metrics.jsonl'}"
+        + (f"; plot: {out / 'loss.png'}" if (out / "loss.png").is_file() else "")
+    )
     return 0

@@ -24,13 +24,23 @@ from ..errors import LorakitError
 from ..inject import base_of, check_target
 from ..io import read_json, read_safetensors, write_json, write_safetensors
 from ..layers import AdapterSpec, Embedding, LoraLayer, SavedModule, is_adaptable, is_gpt2_conv1d, wrap
-from ..registry import adapter_configs, check_adapter_name, lora_layers, require_adapter, saved_modules, set_submodule, walk
+from ..registry import (
+    adapter_configs,
+    check_adapter_name,
+    lora_layers,
+    require_adapter,
+    saved_modules,
+    set_submodule,
+    walk,
+)
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True}  # PiSSA is saved converted to plain LoRA
-_LORA_KEY = re.compile(r"^(?P<path>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.[A-Za-z_][\w\-]*)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<path>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.[A-Za-z_][\w\-]*)?(?:\.weight)?$"
+)
 
 
 def _alpha(scale: float, r: int, use_rslora: bool) -> float:
@@ -57,7 +67,11 @@ def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
 
 def _task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS")):
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+    ):
         if cls.endswith(suffix):
             return task
     return None
@@ -68,14 +82,21 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
     require_adapter(model, name)
     config = adapter_configs(model)[name]
     if pure and (config.use_dora or config.modules_to_save or config.bias != "none"):
-        raise LorakitError(f"adapter '{name}' has DoRA magnitudes, modules_to_save or biases, which a pure adapter cannot hold; save it without pure=True")
+        raise LorakitError(
+            f"adapter '{name}' has DoRA magnitudes, modules_to_save or biases, which a pure adapter cannot hold; save "
+            "it without pure=True"
+        )
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
     for path, layer in lora_layers(model):
         if name not in layer.specs:
             continue
         a, b, r = _factors(layer, name)
-        kind = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding) else ("lora_A.weight", "lora_B.weight")
+        kind = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if isinstance(layer, Embedding)
+            else ("lora_A.weight", "lora_B.weight")
+        )
         tensors[f"{PREFIX}{path}.{kind[0]}"] = a
         tensors[f"{PREFIX}{path}.{kind[1]}"] = b
         if name in layer.lora_magnitude:
@@ -134,10 +155,16 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not directory.is_dir():
         raise LorakitError(f"adapter directory {directory} does not exist; give the folder holding {CONFIG_FILE}")
     if not (directory / WEIGHTS_FILE).is_file() and (directory / "adapter_model.bin").is_file():
-        raise LorakitError(f"{directory} holds only adapter_model.bin; lorakit reads safetensors only (re-save with PEFT's safe_serialization=True)")
+        raise LorakitError(
+            f"{directory} holds only adapter_model.bin; lorakit reads safetensors only (re-save with PEFT's "
+            "safe_serialization=True)"
+        )
     config = read_json(directory / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise LorakitError(f"{directory / CONFIG_FILE} is not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+        raise LorakitError(
+            f"{directory / CONFIG_FILE} is not a LoRA adapter config "
+            f"(peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})"
+        )
     return config, read_safetensors(directory / WEIGHTS_FILE)
 
 
@@ -168,8 +195,14 @@ def _resolve(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False, activate: bool = True,
-                 freeze: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str = "default",
+    trainable: bool = False,
+    activate: bool = True,
+    freeze: bool = True,
+) -> nn.Module:
     """Add the adapter saved in `directory` (by lorakit or PEFT) as `name`; returns the model.
 
     The model ends up frozen, unless trainable=True, which makes this adapter the trainable part.
@@ -183,7 +216,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     peft_config, tensors = read_adapter(directory)
     config = config_from_peft(peft_config)
     saved_paths = set()
-    for path, module in walk(model) if config.modules_to_save else ():
+    for path, _ in walk(model) if config.modules_to_save else ():
         if re.fullmatch(r"|".join(rf"(.*\.)?{re.escape(m)}" for m in config.modules_to_save), path):
             saved_paths.add(path)
 
@@ -192,14 +225,14 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     extras: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, model param, value)
     params: dict[str, torch.Tensor] = {}  # filled on first need: listing every parameter is slow on big models
     for key, value in tensors.items():
-        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        short = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         found = _LORA_KEY.match(short)
         if found:
             factors.setdefault(found["path"], {})[found["kind"]] = value
             continue
         owner = next((p for p in saved_paths if short.startswith(p + ".")), None)
         if owner is not None:
-            inner = short[len(owner) + 1:]
+            inner = short[len(owner) + 1 :]
             if inner.startswith("original_module."):
                 continue  # PEFT with bias="all" also stores the frozen original; ours stays as it is
             saved_state.setdefault(owner, {})[inner.removeprefix("modules_to_save.")] = value
@@ -207,42 +240,73 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
         if short.endswith(".base_layer.weight"):
             continue  # PEFT stores whole embedding tables beside embedding adapters; the base is ours
         # "<path>.base_layer.bias" in the file is "<path>.bias" in a model not yet wrapped, and vice versa
-        spellings = (short, short.replace(".base_layer.", "."), short.rpartition(".")[0] + ".base_layer." + short.rpartition(".")[2])
+        spellings = (
+            short,
+            short.replace(".base_layer.", "."),
+            short.rpartition(".")[0] + ".base_layer." + short.rpartition(".")[2],
+        )
         params = params or dict(model.named_parameters())
         target = next((params[s] for s in spellings if s in params), None)
         if target is None:
-            raise LorakitError(f"adapter tensor '{key}' names a parameter this model does not have; the adapter is for another model")
+            raise LorakitError(
+                f"adapter tensor '{key}' names a parameter this model does not have; the adapter is for another model"
+            )
         extras.append((key, target, value))
 
     specs = {}
     for path, parts in factors.items():
         module = _resolve(model, path)
         if module is None or not is_adaptable(base_of(module)):
-            raise LorakitError(f"adapter tensor '{PREFIX}{path}.{next(iter(parts))}' targets module '{path}', which this model does not have; the adapter is for another model")
+            raise LorakitError(
+                f"adapter tensor '{PREFIX}{path}.{next(iter(parts))}' targets module '{path}', which this model does "
+                "not have; the adapter is for another model"
+            )
         check_target(path, module, config, name)
         layer = module if isinstance(module, LoraLayer) else wrap(module)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding) else ("lora_A", "lora_B")
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding) else ("lora_A", "lora_B")
+        )
         if a_key not in parts or b_key not in parts:
-            raise LorakitError(f"adapter for '{path}' lacks {a_key if a_key not in parts else b_key}; the file is incomplete")
+            raise LorakitError(
+                f"adapter for '{path}' lacks {a_key if a_key not in parts else b_key}; the file is incomplete"
+            )
         r = parts[a_key].shape[0]
         for key, shape in ((a_key, layer._a_shape(r)), (b_key, layer._b_shape(r))):
             if tuple(parts[key].shape) != tuple(shape):
-                raise LorakitError(f"adapter tensor '{PREFIX}{path}.{key}' has shape {tuple(parts[key].shape)} but this model needs {tuple(shape)}; the adapter is for another model")
+                raise LorakitError(
+                    f"adapter tensor '{PREFIX}{path}.{key}' has shape {tuple(parts[key].shape)} but this model needs "
+                    f"{tuple(shape)}; the adapter is for another model"
+                )
         if config.use_dora and tuple(parts.get("lora_magnitude_vector", torch.empty(0)).shape) != (layer.out_dim,):
-            raise LorakitError(f"adapter tensor '{PREFIX}{path}.lora_magnitude_vector' is missing or not of shape ({layer.out_dim},)")
+            raise LorakitError(
+                f"adapter tensor '{PREFIX}{path}.lora_magnitude_vector' is missing or not of shape ({layer.out_dim},)"
+            )
         alpha = config.alpha_for(path)
         scale = alpha / r**0.5 if config.use_rslora else alpha / r
-        specs[path] = (module, layer, parts, a_key, b_key, AdapterSpec(r=r, scale=scale, dropout=config.dropout, use_dora=config.use_dora))
+        specs[path] = (
+            module,
+            layer,
+            parts,
+            a_key,
+            b_key,
+            AdapterSpec(r=r, scale=scale, dropout=config.dropout, use_dora=config.use_dora),
+        )
     for key, target, value in extras:
         if target.shape != value.shape:
-            raise LorakitError(f"adapter tensor '{key}' has shape {tuple(value.shape)} but the model's is {tuple(target.shape)}; the adapter is for another model")
+            raise LorakitError(
+                f"adapter tensor '{key}' has shape {tuple(value.shape)} but the model's is {tuple(target.shape)}; the "
+                "adapter is for another model"
+            )
     for path, state in saved_state.items():
         expected = _resolve(model, path)
         expected = expected.original_module if isinstance(expected, SavedModule) else expected
         for key, value in state.items():
             own = expected.state_dict().get(key)
             if own is None or own.shape != value.shape:
-                raise LorakitError(f"adapter tensor '{PREFIX}{path}.{key}' does not fit module '{path}' of this model; the adapter is for another model")
+                raise LorakitError(
+                    f"adapter tensor '{PREFIX}{path}.{key}' does not fit module '{path}' of this model; the adapter "
+                    "is for another model"
+                )
     if not specs:
         raise LorakitError(f"{directory} holds no LoRA tensors (lora_A / lora_B); is it an adapter directory?")
 

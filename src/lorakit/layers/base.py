@@ -73,15 +73,22 @@ class LoraLayer(nn.Module):
         return self._weight_2d().shape[1]
 
     # ----- adapters --------------------------------------------------------------------------
-    def add_adapter(self, name: str, spec: AdapterSpec, generator: torch.Generator | None = None,
-                    factors: tuple[Tensor, Tensor] | None = None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        spec: AdapterSpec,
+        generator: torch.Generator | None = None,
+        factors: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Add adapter `name`, initialised per `spec.init`, or holding `factors` = (A, B) as given
         (already shaped like lora_A / lora_B; used as storage when dtype and device match)."""
         if name in self.specs:
             raise LorakitError(f"adapter '{name}' already exists on this layer; delete it first or pick another name")
         if spec.use_dora and not self.supports_dora:
             kind = type(self.base_layer).__name__
-            raise LorakitError(f"use_dora is supported on Linear and GPT-2 Conv1D layers, not {kind}; exclude it or set use_dora=False")
+            raise LorakitError(
+                f"use_dora is supported on Linear and GPT-2 Conv1D layers, not {kind}; exclude it or set use_dora=False"
+            )
         if spec.init == "pissa" and self.specs:
             raise LorakitError("init='pissa' rewrites the base weight, so it must be the only adapter on a layer")
         if any(s.init == "pissa" for s in self.specs.values()):
@@ -134,7 +141,11 @@ class LoraLayer(nn.Module):
             a0, b0 = self._pissa_start.pop(name)
             with torch.no_grad():
                 weight = self._weight_2d()
-                weight.add_((self.specs[name].scale * b0.reshape(self.out_dim, -1) @ a0.reshape(a0.shape[0], -1)).to(weight.dtype))
+                weight.add_(
+                    (self.specs[name].scale * b0.reshape(self.out_dim, -1) @ a0.reshape(a0.shape[0], -1)).to(
+                        weight.dtype
+                    )
+                )
         for store in (self.lora_A, self.lora_B, self.lora_magnitude):
             if name in store:
                 del store[name]
@@ -210,7 +221,9 @@ class LoraLayer(nn.Module):
         return rows.row_slots(self, slot, batch, device).slots
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={s.r} s={s.scale:g}{' dora' if s.use_dora else ''}" for n, s in self.specs.items())
+        adapters = ", ".join(
+            f"{n}: r={s.r} s={s.scale:g}{' dora' if s.use_dora else ''}" for n, s in self.specs.items()
+        )
         return f"adapters=[{adapters}], active={self.active!r}, merged={self.merged!r}"
 
 

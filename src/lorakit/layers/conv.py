@@ -9,7 +9,6 @@ channel makes this the usual product: W (d x k·∏kernel) gets ΔW = s·B·A.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -33,7 +33,9 @@ class Embedding(LoraLayer):
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
         base = self.base_layer
-        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
 
     def forward(self, ids: Tensor) -> Tensor:
         out = self.base_layer(ids)

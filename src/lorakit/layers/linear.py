@@ -9,7 +9,6 @@ of its weight differs.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

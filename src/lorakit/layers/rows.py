@@ -61,10 +61,18 @@ class SlotStack:
                 self._release(name)
         if not names:
             return
-        a_params, b_params, m_params = layer.lora_A._parameters, layer.lora_B._parameters, layer.lora_magnitude._parameters
+        a_params, b_params, m_params = (
+            layer.lora_A._parameters,
+            layer.lora_B._parameters,
+            layer.lora_magnitude._parameters,
+        )
         first = a_params[names[0]]
-        if (self.a is None or max(specs[n].r for n in names) > self.a.shape[1] or self.a.dtype != first.dtype
-                or self.a.device != first.device):  # (re)allocate wide enough for every adapter of the layer
+        if (
+            self.a is None
+            or max(specs[n].r for n in names) > self.a.shape[1]
+            or self.a.dtype != first.dtype
+            or self.a.device != first.device
+        ):  # (re)allocate wide enough for every adapter of the layer
             r_max = max(s.r for s in specs.values())
             self._allocate(len(specs), layer.in_dim, layer.out_dim, r_max, first.dtype, first.device)
         if m_params and self.dora is None:
@@ -74,8 +82,16 @@ class SlotStack:
             old = self.seen.get(name)
             # DoRA's scale also depends on W0, so W0's version is part of its key.
             m_key = None if m is None else (m._version, layer._weight_2d()._version)
-            if (old is not None and old[0] is a and old[1] is b and old[2] is m and old[3] == a._version
-                    and old[4] == b._version and old[5] == m_key and old[6] == specs[name].scale):
+            if (
+                old is not None
+                and old[0] is a
+                and old[1] is b
+                and old[2] is m
+                and old[3] == a._version
+                and old[4] == b._version
+                and old[5] == m_key
+                and old[6] == specs[name].scale
+            ):
                 continue
             self._write(layer, name, self._slot_for(name, layer))
             self.seen[name] = (a, b, m, a._version, b._version, m_key, specs[name].scale)
@@ -193,12 +209,16 @@ class RowIndex:
             values = torch.zeros(rows * r_max, device=device)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only its stable core
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, flat.reshape(-1), values, (rows, slots_total * r_max), check_invariants=False)
+                pattern = torch.sparse_csr_tensor(
+                    crow, flat.reshape(-1), values, (rows, slots_total * r_max), check_invariants=False
+                )
             self._decode = (pattern, flat)
         return self._decode
 
 
-def row_slots(layer, slot: dict[str, int], batch: int, device: torch.device, r_max: int = 0, slots_total: int = 0) -> RowIndex:
+def row_slots(
+    layer, slot: dict[str, int], batch: int, device: torch.device, r_max: int = 0, slots_total: int = 0
+) -> RowIndex:
     """Each row's slot (0 = base only), cached while the batch's layout stays the same."""
     if layer.merged is not None:
         raise LorakitError(f"adapter '{layer.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
@@ -226,7 +246,9 @@ def _route(layer, batch: int, device: torch.device):
     rows = layer.row_adapters
     if rows is not None and len(rows) == batch and not any(n in layer.specs for n in rows):
         if layer.merged is not None:
-            raise LorakitError(f"adapter '{layer.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
+            raise LorakitError(
+                f"adapter '{layer.merged}' is merged; call lorakit.unmerge(model) before per-row routing"
+            )
         return None
     used = list(dict.fromkeys(n for n in rows or () if n is not None))
     slot, a, b_t, dora = stacked(layer, used)

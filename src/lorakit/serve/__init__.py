@@ -33,18 +33,41 @@ def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted({int(v) for v in found if v is not None})
 
 
-def create_server(model: nn.Module, tokenizer, adapters: str | Path | None = None, *, name: str = "base",
-                  aliases: tuple[str, ...] = (), host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
-                  max_adapters: int = 32, max_prefill_tokens: int = 2048) -> Server:
+def create_server(
+    model: nn.Module,
+    tokenizer,
+    adapters: str | Path | None = None,
+    *,
+    name: str = "base",
+    aliases: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 32,
+    max_adapters: int = 32,
+    max_prefill_tokens: int = 2048,
+) -> Server:
     """A ready server (engine thread running); call serve_forever(), and close() when done."""
     cache = AdapterCache(model, adapters, capacity=max_adapters) if adapters is not None else None
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    engine = Engine(model, cache, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, eos_token_ids=eos, pad_token_id=pad)
+    engine = Engine(
+        model, cache, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, eos_token_ids=eos, pad_token_id=pad
+    )
     server = Server(App(engine, tokenizer, name, aliases), host, port)
     engine.start()
     return server
 
 
-__all__ = ["AdapterBusy", "AdapterCache", "App", "ContextTooLong", "Engine", "Request", "SamplingParams", "Server",
-           "UnknownAdapter", "create_server", "eos_ids"]
+__all__ = [
+    "AdapterBusy",
+    "AdapterCache",
+    "App",
+    "ContextTooLong",
+    "Engine",
+    "Request",
+    "SamplingParams",
+    "Server",
+    "UnknownAdapter",
+    "create_server",
+    "eos_ids",
+]

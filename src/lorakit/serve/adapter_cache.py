@@ -47,13 +47,18 @@ class AdapterBusy(LorakitError):
 class AdapterCache:
     """Lazy, LRU-bounded adapter loading on one shared model; every model change holds `lock`."""
 
-    def __init__(self, model: nn.Module, directory: str | Path, capacity: int = 32, lock: threading.RLock | None = None):
+    def __init__(
+        self, model: nn.Module, directory: str | Path, capacity: int = 32, lock: threading.RLock | None = None
+    ):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise LorakitError(f"adapter cache size {capacity!r} is invalid: use an integer >= 1")
         self.model = model.requires_grad_(False)  # once, so each hot load need only freeze its own tensors
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
-            raise LorakitError(f"adapters directory {directory} does not exist; create it or point --adapters at the folder of adapter folders")
+            raise LorakitError(
+                f"adapters directory {directory} does not exist; create it or point --adapters at the folder of "
+                "adapter folders"
+            )
         self.capacity = capacity
         self.lock = lock or threading.RLock()
         self.loaded: OrderedDict[str, float] = OrderedDict()  # name -> load time (ms), least recently used first
@@ -63,7 +68,10 @@ class AdapterCache:
     def folder(self, name: object) -> Path:
         """DIR/name, checked: a plain identifier, inside DIR, holding an adapter."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise LorakitError(f"adapter name {name!r} is invalid: use a plain identifier (letters, digits, '_' or '-', not starting with a digit)")
+            raise LorakitError(
+                f"adapter name {name!r} is invalid: use a plain identifier (letters, digits, '_' or '-', not starting "
+                "with a digit)"
+            )
         path = self.directory / name
         if not path.resolve().is_relative_to(self.directory):
             raise LorakitError(f"adapter '{name}' resolves outside the adapters directory; refused")
@@ -115,7 +123,9 @@ class AdapterCache:
                 self.folder(name)  # a bad or unknown name gets its own clear error first
                 raise UnknownAdapter(f"adapter '{name}' is not loaded")
             if self.holds.get(name):
-                raise AdapterBusy(f"adapter '{name}' is in use by {self.holds[name]} running request(s); retry when they finish")
+                raise AdapterBusy(
+                    f"adapter '{name}' is in use by {self.holds[name]} running request(s); retry when they finish"
+                )
             self._delete(name)
 
     def _ensure(self, name: str) -> None:
@@ -125,7 +135,10 @@ class AdapterCache:
         path = self.folder(name)
         bias = read_json(path / CONFIG_FILE).get("bias", "none")
         if bias not in (None, "none"):
-            raise LorakitError(f"adapter '{name}' trains biases (bias={bias!r}), which would change the base model for every request; re-save it with bias='none'")
+            raise LorakitError(
+                f"adapter '{name}' trains biases (bias={bias!r}), which would change the base model for every "
+                "request; re-save it with bias='none'"
+            )
         start = time.perf_counter()
         load_adapter(self.model, path, name=name, activate=False, freeze=False)
         with torch.no_grad():  # copy the new factors into each layer's slot stack now, not on first use

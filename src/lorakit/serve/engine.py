@@ -84,16 +84,30 @@ def context_length(model: nn.Module) -> int:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise LorakitError(f"cannot tell the context length of {type(model).__name__}: its config has no max_position_embeddings")
+    raise LorakitError(
+        f"cannot tell the context length of {type(model).__name__}: its config has no max_position_embeddings"
+    )
 
 
 class Engine:
     """Runs requests for `model` (a causal LM) and the adapters in `adapters`, batched together."""
 
-    def __init__(self, model: nn.Module, adapters: AdapterCache | None = None, *, max_batch: int = 32,
-                 max_prefill_tokens: int = 2048, eos_token_ids: list[int] | tuple[int, ...] = (), pad_token_id: int = 0,
-                 max_waiting: int = 4096):
-        for name, value in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens), ("max_waiting", max_waiting)):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: AdapterCache | None = None,
+        *,
+        max_batch: int = 32,
+        max_prefill_tokens: int = 2048,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        pad_token_id: int = 0,
+        max_waiting: int = 4096,
+    ):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_prefill_tokens", max_prefill_tokens),
+            ("max_waiting", max_waiting),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorakitError(f"{name}={value!r} is invalid: use an integer >= 1")
         self.model = model.eval()
@@ -103,8 +117,14 @@ class Engine:
         self.eos = set(int(t) for t in eos_token_ids if t is not None)
         self.pad = int(pad_token_id)
         self.context = context_length(model)
-        self.vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
-        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.vocab = (
+            model.get_output_embeddings().weight.shape[0]
+            if model.get_output_embeddings() is not None
+            else model.config.vocab_size
+        )
+        self._keep_last = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        )
         self.waiting: deque[Request] = deque()
         self.rows: list[_Row] = []
         self.cache = None
@@ -124,8 +144,10 @@ class Engine:
             raise LorakitError(f"prompt token ids must be integers from 0 to {self.vocab - 1}")
         if len(prompt) + params.max_tokens > self.context:
             raise ContextTooLong(
-                f"this model's maximum context length is {self.context} tokens, but {len(prompt) + params.max_tokens} were "
-                f"requested ({len(prompt)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt or lower max_tokens"
+                f"this model's maximum context length is {self.context} tokens, but {len(prompt) + params.max_tokens} "
+                "were "
+                f"requested ({len(prompt)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt or "
+                "lower max_tokens"
             )
         if self._stopping:
             raise EngineStopped("the server is shutting down")
@@ -209,8 +231,14 @@ class Engine:
         from transformers import DynamicCache
 
         with torch.no_grad(), per_row(self.model, adapters):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache if cache is not None else DynamicCache(), use_cache=True, **self._keep_last)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache if cache is not None else DynamicCache(),
+                use_cache=True,
+                **self._keep_last,
+            )
         return out.logits[:, -1], out.past_key_values
 
     def _prefill(self, new: list[_Row]) -> None:
@@ -219,8 +247,8 @@ class Engine:
         mask = torch.zeros((len(new), longest), dtype=torch.long)
         for i, row in enumerate(new):
             prompt = row.request.prompt
-            ids[i, longest - len(prompt):] = torch.tensor(prompt)
-            mask[i, longest - len(prompt):] = 1
+            ids[i, longest - len(prompt) :] = torch.tensor(prompt)
+            mask[i, longest - len(prompt) :] = 1
             row.length = len(prompt)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None, [r.request.adapter for r in new])
@@ -266,8 +294,12 @@ class Engine:
         old, new = self.mask.shape[1], mask.shape[1]
         length = max(old, new)
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, length - old, 0)), F.pad(theirs.keys, (0, 0, length - new, 0))])
-            mine.values = torch.cat([F.pad(mine.values, (0, 0, length - old, 0)), F.pad(theirs.values, (0, 0, length - new, 0))])
+            mine.keys = torch.cat(
+                [F.pad(mine.keys, (0, 0, length - old, 0)), F.pad(theirs.keys, (0, 0, length - new, 0))]
+            )
+            mine.values = torch.cat(
+                [F.pad(mine.values, (0, 0, length - old, 0)), F.pad(theirs.values, (0, 0, length - new, 0))]
+            )
         self.mask = torch.cat([F.pad(self.mask, (length - old, 0)), F.pad(mask, (length - new, 0))])
 
     def _drop(self) -> None:
@@ -297,10 +329,19 @@ class Engine:
         from transformers.cache_utils import DynamicLayer
 
         with self.lock:
-            _, cache = self._forward(torch.tensor([[self.pad]]), torch.ones((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long), None, [None])
+            _, cache = self._forward(
+                torch.tensor([[self.pad]]),
+                torch.ones((1, 1), dtype=torch.long),
+                torch.zeros((1, 1), dtype=torch.long),
+                None,
+                [None],
+            )
         kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [None])}
         if kinds != {DynamicLayer.__name__}:
-            raise LorakitError(f"lorakit serve needs a model with a plain key/value cache; {type(self.model).__name__} uses {sorted(kinds)}")
+            raise LorakitError(
+                f"lorakit serve needs a model with a plain key/value cache; {type(self.model).__name__} uses "
+                f"{sorted(kinds)}"
+            )
 
     # ----- finishing -------------------------------------------------------------------------
     def _finish_request(self, request: Request, reason: str) -> None:

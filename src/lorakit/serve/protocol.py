@@ -13,8 +13,14 @@ from .sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI fields lorakit does not implement -> the values that mean "not used", which are accepted
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
-               "suffix": (None, ""), "tools": (None, [])}
+UNSUPPORTED = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False, 0),
+    "suffix": (None, ""),
+    "tools": (None, []),
+}
 
 
 class ApiError(Exception):
@@ -25,8 +31,13 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
-                413: "invalid_request_error", 503: "server_error"}.get(self.status, "server_error")
+        kind = {
+            400: "invalid_request_error",
+            404: "invalid_request_error",
+            409: "invalid_request_error",
+            413: "invalid_request_error",
+            503: "server_error",
+        }.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -85,11 +96,17 @@ def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
 def parse_completion(body: object) -> Job:
     model, sampling, stream, usage = _common(body, chat=False)
     prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt)
+    ):
         prompts = list(prompt)
     else:
         raise ApiError(400, "'prompt' must be a non-empty string, a list of strings, or token ids", param="prompt")
@@ -109,8 +126,12 @@ def parse_chat(body: object) -> Job:
             raise ApiError(400, f"messages[{i}] needs a 'role' of {', '.join(ROLES)}", param=f"messages[{i}].role")
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"messages[{i}].content parts must all be text parts", param=f"messages[{i}].content")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise ApiError(
+                    400, f"messages[{i}].content parts must all be text parts", param=f"messages[{i}].content"
+                )
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
@@ -124,18 +145,33 @@ def new_id(chat: bool) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def response(job: Job, rid: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict:
     """The whole answer; `choices` is [(text, finish_reason)]."""
     if job.chat:
-        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-                 for i, (text, reason) in enumerate(choices)]
+        items = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(choices)
+        ]
     else:
-        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(choices)]
-    return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
-            "model": job.model, "choices": items, "usage": usage(prompt_tokens, completion_tokens)}
+        items = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(choices)
+        ]
+    return {
+        "id": rid,
+        "object": "chat.completion" if job.chat else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": items,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chunk(job: Job, rid: str, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
@@ -147,5 +183,10 @@ def chunk(job: Job, rid: str, text: str | None, finish_reason: str | None = None
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
         kind = "text_completion"
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": job.model,
-            "choices": choices if text is not None or finish_reason is not None else []}
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": choices if text is not None or finish_reason is not None else [],
+    }

@@ -36,7 +36,11 @@ class SamplingParams:
                 raise LorakitError(f"{name}={value!r} is invalid: use a number from {low:g} to {high:g}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 4:
+        if (
+            not isinstance(self.stop, list)
+            or not all(isinstance(s, str) and s for s in self.stop)
+            or len(self.stop) > 4
+        ):
             raise LorakitError(f"stop={self.stop!r} is invalid: use a non-empty string or a list of up to 4 of them")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise LorakitError(f"seed={self.seed!r} is invalid: use an integer")

@@ -21,7 +21,6 @@ import json
 import logging
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -53,12 +52,22 @@ class App:
         if model in self.base_names:
             return None
         if self.engine.adapters is None:
-            raise ApiError(404, f"model '{model}' does not exist; this server has only '{self.base_name}'", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model '{model}' does not exist; this server has only '{self.base_name}'",
+                "model",
+                "model_not_found",
+            )
         try:
             self.engine.adapters.folder(model)
         except UnknownAdapter:
-            raise ApiError(404, f"model '{model}' does not exist: it is neither the base model '{self.base_name}' nor an adapter "
-                                "in the adapters directory (GET /v1/models lists them)", "model", "model_not_found") from None
+            raise ApiError(
+                404,
+                f"model '{model}' does not exist: it is neither the base model '{self.base_name}' nor an adapter "
+                "in the adapters directory (GET /v1/models lists them)",
+                "model",
+                "model_not_found",
+            ) from None
         except LorakitError as err:
             raise ApiError(400, str(err), "model") from None
         return model
@@ -160,20 +169,33 @@ class App:
             request.cancel()  # a client that went away stops its generation
 
     def models(self) -> dict:
-        data = [{"id": self.base_name, "object": "model", "created": self.started, "owned_by": "lorakit", "loaded": True}]
+        data = [
+            {"id": self.base_name, "object": "model", "created": self.started, "owned_by": "lorakit", "loaded": True}
+        ]
         adapters = self.engine.adapters
         loaded = adapters.in_memory() if adapters is not None else []
         for name in adapters.available() if adapters is not None else []:
             created = int(Path(adapters.directory / name).stat().st_mtime)
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "lorakit", "parent": self.base_name,
-                         "root": self.base_name, "loaded": name in loaded})
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "lorakit",
+                    "parent": self.base_name,
+                    "root": self.base_name,
+                    "loaded": name in loaded,
+                }
+            )
         return {"object": "list", "data": data}
 
     def manage(self, action: str, body: object) -> dict:
         if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object like {\"name\": \"my-adapter\"}")
+            raise ApiError(400, 'the request body must be a JSON object like {"name": "my-adapter"}')
         if any(k in body for k in ("path", "lora_path")):
-            raise ApiError(400, "adapters load by name from the server's adapters directory only; send {\"name\": ...}", "path")
+            raise ApiError(
+                400, 'adapters load by name from the server\'s adapters directory only; send {"name": ...}', "path"
+            )
         name = body.get("name", body.get("lora_name"))
         if not isinstance(name, str):
             raise ApiError(400, "'name' (the adapter's folder name in the adapters directory) is required", "name")
@@ -311,7 +333,9 @@ class Server(ThreadingHTTPServer):
         try:
             super().__init__((host, port), Handler)
         except OSError as err:
-            raise LorakitError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+            raise LorakitError(
+                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
+            ) from None
 
     _serving = False
 

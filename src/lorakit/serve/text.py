@@ -47,6 +47,6 @@ class TextStream:
         return self._send(self.decode(self.ids))
 
     def _send(self, upto: str) -> str:
-        delta = upto[len(self.text):]  # decoders here are prefix-stable once UTF-8 is complete
+        delta = upto[len(self.text) :]  # decoders here are prefix-stable once UTF-8 is complete
         self.text += delta
         return delta

@@ -28,7 +28,7 @@ class StepPlan:
         """Passes over the data completed after `step` steps."""
         return step * self.global_batch / self.n
 
-    @lru_cache(maxsize=4)
+    @lru_cache(maxsize=4)  # noqa: B019  (a few epochs per sampler; the sampler lives as long as the run)
     def _order(self, epoch: int) -> tuple[int, ...]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return tuple(torch.randperm(self.n, generator=generator).tolist())
@@ -45,5 +45,5 @@ class StepPlan:
         """This process's grad_accum micro-batches of step `step`."""
         indices = self.step_indices(step)
         per_micro = self.batch_size * self.world_size
-        micro = [indices[m * per_micro:(m + 1) * per_micro] for m in range(self.grad_accum)]
-        return [chunk[rank * self.batch_size:(rank + 1) * self.batch_size] for chunk in micro]
+        micro = [indices[m * per_micro : (m + 1) * per_micro] for m in range(self.grad_accum)]
+        return [chunk[rank * self.batch_size : (rank + 1) * self.batch_size] for chunk in micro]

@@ -34,8 +34,10 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     folder = Path(run_dir) / FOLDER
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -51,8 +53,17 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-         rng_states: dict[str, list[torch.Tensor]], state: dict[str, Any], adapter_name: str = "default", keep: int = 2) -> Path:
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rng_states: dict[str, list[torch.Tensor]],
+    state: dict[str, Any],
+    adapter_name: str = "default",
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` (rank 0 only) and drop all but the newest `keep`."""
     target = Path(run_dir) / FOLDER / f"{PREFIX}{step:08d}"
     with atomic_directory(target) as staging:
@@ -62,8 +73,13 @@ def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: tor
         tensors, meta = _optimizer_state(optimizer)
         write_safetensors(staging / "optimizer.safetensors", tensors)
         write_json(staging / "optimizer.json", meta)
-        write_safetensors(staging / "rng.safetensors", {f"{kind}.{rank}": s for kind, per_rank in rng_states.items() for rank, s in enumerate(per_rank)})
-        write_json(staging / "trainer_state.json", {**state, "step": step, "scheduler": _jsonable(scheduler.state_dict())})
+        write_safetensors(
+            staging / "rng.safetensors",
+            {f"{kind}.{rank}": s for kind, per_rank in rng_states.items() for rank, s in enumerate(per_rank)},
+        )
+        write_json(
+            staging / "trainer_state.json", {**state, "step": step, "scheduler": _jsonable(scheduler.state_dict())}
+        )
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -80,11 +96,16 @@ def load(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, s
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != set(params):
         missing = sorted(set(params) ^ set(trainable))[:1]
-        raise LorakitError(f"checkpoint {checkpoint} does not fit this model (first difference: {missing}); start a fresh --out")
+        raise LorakitError(
+            f"checkpoint {checkpoint} does not fit this model (first difference: {missing}); start a fresh --out"
+        )
     with torch.no_grad():
         for name, value in trainable.items():
             if params[name].shape != value.shape:
-                raise LorakitError(f"checkpoint {checkpoint}: '{name}' has shape {tuple(value.shape)}, the model's is {tuple(params[name].shape)}; start a fresh --out")
+                raise LorakitError(
+                    f"checkpoint {checkpoint}: '{name}' has shape {tuple(value.shape)}, the model's is "
+                    f"{tuple(params[name].shape)}; start a fresh --out"
+                )
             params[name].copy_(value)
 
     meta = read_json(checkpoint / "optimizer.json")

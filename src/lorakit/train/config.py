@@ -21,8 +21,24 @@ SWITCHES = ("auto", "on", "off")
 BASE_DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that must not change between a run and its --resume (they change what a step computes).
-RESUME_FIXED = ("model", "data", "task", "r", "alpha", "targets", "use_dora", "use_rslora", "init",
-                "modules_to_save", "batch_size", "grad_accum", "seed", "max_length", "labels", "base_dtype")
+RESUME_FIXED = (
+    "model",
+    "data",
+    "task",
+    "r",
+    "alpha",
+    "targets",
+    "use_dora",
+    "use_rslora",
+    "init",
+    "modules_to_save",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "max_length",
+    "labels",
+    "base_dtype",
+)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -85,7 +101,9 @@ class TrainConfig:
                 _fail(name, getattr(self, name), "required; give a path" + (" or hub id" if name == "model" else ""))
         if self.task not in TASKS:
             _fail("task", self.task, f"choose {' or '.join(TASKS)}")
-        if self.eval_fraction is not None and not (isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1):
+        if self.eval_fraction is not None and not (
+            isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1
+        ):
             _fail("eval_fraction", self.eval_fraction, "give a fraction between 0 and 1, e.g. 0.1")
         if self.eval_data and self.eval_fraction:
             _fail("eval_fraction", self.eval_fraction, "give either --eval-data or --eval-fraction, not both")
@@ -104,15 +122,29 @@ class TrainConfig:
             self._check_number("epochs", lambda v: v > 0, "give a number of passes over the data > 0, e.g. 1 or 0.5")
         if self.max_steps is not None and self.epochs is not None:
             _fail("epochs", self.epochs, "give either --max-steps or --epochs, not both")
-        for name, low in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("max_length", 2), ("eval_every", 0),
-                          ("save_every", 0), ("keep_checkpoints", 1), ("log_every", 1), ("seed", 0)):
+        for name, low in (
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("warmup_steps", 0),
+            ("max_length", 2),
+            ("eval_every", 0),
+            ("save_every", 0),
+            ("keep_checkpoints", 1),
+            ("log_every", 1),
+            ("seed", 0),
+        ):
             self._check_int(name, low, f"give an integer >= {low}")
         if self.eval_batch_size is not None:
             self._check_int("eval_batch_size", 1, "give an integer >= 1")
         self._check_number("lr", lambda v: 0 < v < 1, "give a learning rate > 0 and < 1, e.g. --lr 2e-4")
         self._check_number("weight_decay", lambda v: v >= 0, "give a number >= 0")
         self._check_number("max_grad_norm", lambda v: v >= 0, "give a number >= 0 (0 turns clipping off)")
-        for name, allowed in (("schedule", SCHEDULES), ("bf16", SWITCHES), ("base_dtype", BASE_DTYPES), ("device", DEVICES)):
+        for name, allowed in (
+            ("schedule", SCHEDULES),
+            ("bf16", SWITCHES),
+            ("base_dtype", BASE_DTYPES),
+            ("device", DEVICES),
+        ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"choose one of {', '.join(allowed)}")
         for name in ("use_rslora", "use_dora", "gradient_checkpointing", "resume", "overwrite", "progress", "plot"):
@@ -134,9 +166,15 @@ class TrainConfig:
     # ----- derived ----------------------------------------------------------------------------
     def lora_config(self, default_modules_to_save: list[str] | None = None) -> LoraConfig:
         return LoraConfig(
-            r=self.r, alpha=float(self.alpha), dropout=float(self.dropout), target_modules=self.targets,
-            exclude_modules=self.exclude, modules_to_save=self.modules_to_save or default_modules_to_save,
-            init=self.init, use_rslora=self.use_rslora, use_dora=self.use_dora,
+            r=self.r,
+            alpha=float(self.alpha),
+            dropout=float(self.dropout),
+            target_modules=self.targets,
+            exclude_modules=self.exclude,
+            modules_to_save=self.modules_to_save or default_modules_to_save,
+            init=self.init,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +194,7 @@ FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
 def _split_list(value: Any, keep_string: bool = False) -> Any:
-    """"a,b" -> ["a", "b"]; a regex or "all-linear" stays a string when keep_string (targets)."""
+    """ "a,b" -> ["a", "b"]; a regex or "all-linear" stays a string when keep_string (targets)."""
     if value is None or isinstance(value, list):
         return value or None
     if isinstance(value, tuple):
@@ -182,7 +220,9 @@ def read_yaml(path: str) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise LorakitError(f"--config {path} must hold a mapping of settings (key: value), not a {type(loaded).__name__}")
+        raise LorakitError(
+            f"--config {path} must hold a mapping of settings (key: value), not a {type(loaded).__name__}"
+        )
     values = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")

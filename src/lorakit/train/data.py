@@ -98,7 +98,10 @@ def label_set(rows: list[dict[str, Any]], path: str) -> list:
         raise LorakitError(f"{path} has rows without a label; give every row a `label`")
     kinds = {type(v) for v in values}
     if not (kinds <= {str} or kinds <= {int}):
-        raise LorakitError(f"{path}: labels mix types ({', '.join(sorted(k.__name__ for k in kinds))}); use all strings or all integers")
+        raise LorakitError(
+            f"{path}: labels mix types ({', '.join(sorted(k.__name__ for k in kinds))}); use all strings or all "
+            "integers"
+        )
     return sorted(values)
 
 
@@ -116,9 +119,18 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 def _chat_example(tokenizer, messages: Any, index: int, path: str) -> tuple[list[int], list[int]]:
     """Token ids of the rendered chat, with loss only on the assistant turns' tokens."""
     if not getattr(tokenizer, "chat_template", None):
-        raise LorakitError(f"{path} has chat `messages` but the model's tokenizer has no chat template; use `text` or `prompt` + `completion` rows")
-    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)):
-        raise LorakitError(f"{path} row {index + 1}: `messages` should be a list of {{\"role\", \"content\"}} objects; fix that row")
+        raise LorakitError(
+            f"{path} has chat `messages` but the model's tokenizer has no chat template; use `text` or `prompt` + "
+            "`completion` rows"
+        )
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+    ):
+        raise LorakitError(
+            f'{path} row {index + 1}: `messages` should be a list of {{"role", "content"}} objects; fix that row'
+        )
 
     def render(turns, generation_prompt=False) -> list[int]:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
@@ -136,7 +148,9 @@ def _chat_example(tokenizer, messages: Any, index: int, path: str) -> tuple[list
     return ids, labels
 
 
-def encode(rows: list[dict[str, Any]], tokenizer, task: str, max_length: int, labels: list | None, path: str) -> tuple[list[Example], int]:
+def encode(
+    rows: list[dict[str, Any]], tokenizer, task: str, max_length: int, labels: list | None, path: str
+) -> tuple[list[Example], int]:
     """Examples for every row (truncated to max_length) and how many were dropped for having no target left."""
     kind = row_kind(rows, task, path)
     eos = tokenizer.eos_token_id
@@ -144,7 +158,10 @@ def encode(rows: list[dict[str, Any]], tokenizer, task: str, max_length: int, la
     for i, row in enumerate(rows):
         if kind == "classification":
             if row.get("label") not in labels:
-                raise LorakitError(f"{path} row {i + 1}: label {row.get('label')!r} is not one of the labels {labels}; fix the row or list it in --labels")
+                raise LorakitError(
+                    f"{path} row {i + 1}: label {row.get('label')!r} is not one of the labels {labels}; fix the row "
+                    "or list it in --labels"
+                )
             ids = _ids(tokenizer, _text(row, "text", i, path), special=True)[:max_length]
             examples.append(Example(ids, label=labels.index(row["label"])))
             continue
@@ -153,7 +170,9 @@ def encode(rows: list[dict[str, Any]], tokenizer, task: str, max_length: int, la
             target = list(ids)
         elif kind == "prompt-completion":
             prompt = _ids(tokenizer, _text(row, "prompt", i, path), special=True)
-            completion = _ids(tokenizer, _text(row, "completion", i, path), special=False) + ([eos] if eos is not None else [])
+            completion = _ids(tokenizer, _text(row, "completion", i, path), special=False) + (
+                [eos] if eos is not None else []
+            )
             ids, target = prompt + completion, [IGNORE] * len(prompt) + completion
         else:
             ids, target = _chat_example(tokenizer, row["messages"], i, path)
@@ -163,7 +182,9 @@ def encode(rows: list[dict[str, Any]], tokenizer, task: str, max_length: int, la
         else:
             examples.append(example)
     if not examples:
-        raise LorakitError(f"{path}: no example has a target token within --max-length {max_length}; raise --max-length")
+        raise LorakitError(
+            f"{path}: no example has a target token within --max-length {max_length}; raise --max-length"
+        )
     return examples, dropped
 
 
@@ -202,13 +223,18 @@ def prepare(cfg, tokenizer) -> Prepared:
     label_rows = rows  # the label set comes from the whole --data file, even when part of it is held out
     eval_rows = load_rows(cfg.eval_data, "--eval-data") if cfg.eval_data else None
     if eval_rows is not None and row_kind(eval_rows, cfg.task, cfg.eval_data) != kind:
-        raise LorakitError(f"--eval-data {cfg.eval_data} has differently shaped rows than --data {cfg.data}; use the same columns in both")
+        raise LorakitError(
+            f"--eval-data {cfg.eval_data} has differently shaped rows than --data {cfg.data}; use the same columns in "
+            "both"
+        )
     if cfg.eval_fraction:
         order = list(range(len(rows)))
         random.Random(cfg.seed).shuffle(order)
         cut = len(rows) - max(1, round(len(rows) * cfg.eval_fraction))
         if cut < 1:
-            raise LorakitError(f"--eval-fraction {cfg.eval_fraction} leaves no training rows out of {len(rows)}; lower it")
+            raise LorakitError(
+                f"--eval-fraction {cfg.eval_fraction} leaves no training rows out of {len(rows)}; lower it"
+            )
         rows, eval_rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
     labels = None
     if cfg.task == "seq-cls":
@@ -217,9 +243,13 @@ def prepare(cfg, tokenizer) -> Prepared:
             try:
                 labels = [int(v) for v in labels]
             except ValueError:
-                raise LorakitError(f"--labels {','.join(map(str, labels))}: --data {cfg.data} has integer labels; list integers") from None
+                raise LorakitError(
+                    f"--labels {','.join(map(str, labels))}: --data {cfg.data} has integer labels; list integers"
+                ) from None
         if len(labels) < 2:
-            raise LorakitError(f"--data {cfg.data} has only the label {labels}; classification needs at least two labels")
+            raise LorakitError(
+                f"--data {cfg.data} has only the label {labels}; classification needs at least two labels"
+            )
     train, dropped = encode(rows, tokenizer, cfg.task, cfg.max_length, labels, cfg.data)
     held = None
     if eval_rows is not None:

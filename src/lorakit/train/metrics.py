@@ -64,7 +64,9 @@ class MetricsLog:
             window = len(losses) // 20  # a running mean only once there are enough steps to smooth
             if window > 1:
                 ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss (per step)")
-                ax.plot(steps, running_mean(losses, window), color="tab:blue", lw=2, label=f"train loss (mean of {window})")
+                ax.plot(
+                    steps, running_mean(losses, window), color="tab:blue", lw=2, label=f"train loss (mean of {window})"
+                )
             else:
                 ax.plot(steps, losses, color="tab:blue", lw=1.5, label="train loss (per step)")
         if held:

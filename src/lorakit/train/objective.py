@@ -54,8 +54,17 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tup
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], task: str, batch_size: int, pad_id: int,
-             device: torch.device, rank: int = 0, world_size: int = 1, progress=None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    task: str,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    progress=None,
+) -> dict[str, float]:
     """Held-out metrics: {"loss", "perplexity"} (causal LM, token-averaged) or {"loss", "accuracy"}.
 
     Under several processes each takes every world_size-th example and the sums are all-reduced.
@@ -67,11 +76,11 @@ def evaluate(model: nn.Module, examples: list[Example], task: str, batch_size: i
     shard = sorted(shard, key=lambda e: len(e.input_ids))
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, len(shard), batch_size):
-        batch = {k: v.to(device) for k, v in collate(shard[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(shard[start : start + batch_size], pad_id).items()}
         loss, correct, count = loss_sum(model, batch, task)
         totals += torch.tensor([loss.item(), correct.item(), count], dtype=torch.float64, device=device)
         if progress is not None:
-            progress.update(len(shard[start:start + batch_size]))
+            progress.update(len(shard[start : start + batch_size]))
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     model.train(was_training)

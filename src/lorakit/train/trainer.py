@@ -77,7 +77,10 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 def classifier_heads(model: nn.Module) -> list[str]:
     heads = [name for name, _ in model.named_children() if name in CLASSIFIER_HEADS]
     if not heads:
-        raise LorakitError(f"{type(model).__name__} has no classifier head named {' or '.join(CLASSIFIER_HEADS)}; name it with --modules-to-save")
+        raise LorakitError(
+            f"{type(model).__name__} has no classifier head named {' or '.join(CLASSIFIER_HEADS)}; name it with "
+            "--modules-to-save"
+        )
     return heads
 
 
@@ -115,7 +118,10 @@ def _check_out(cfg: TrainConfig) -> Path | None:
             log.info("--resume: no checkpoint in %s yet, starting from step 0", out / checkpoint.FOLDER)
         return found[-1] if found else None
     if (found or (out / "adapter").exists()) and not cfg.overwrite:
-        raise LorakitError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, or pick another --out")
+        raise LorakitError(
+            f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, or pick "
+            "another --out"
+        )
     return None
 
 
@@ -123,7 +129,9 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> Non
     for key in RESUME_FIXED:
         before, now = saved.get(key), getattr(cfg, key)
         if before != now:
-            raise LorakitError(f"--resume: {key} was {before!r} in {path} but is {now!r} now; use the same setting or a fresh --out")
+            raise LorakitError(
+                f"--resume: {key} was {before!r} in {path} but is {now!r} now; use the same setting or a fresh --out"
+            )
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -147,17 +155,27 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
     torch.manual_seed(cfg.seed)  # a new classifier head starts the same in every process and run
     extra: dict[str, Any] = {}
     if labels is not None:
-        extra = {"id2label": {i: str(v) for i, v in enumerate(labels)}, "label2id": {str(v): i for i, v in enumerate(labels)},
-                 "ignore_mismatched_sizes": True}
+        extra = {
+            "id2label": {i: str(v) for i, v in enumerate(labels)},
+            "label2id": {str(v): i for i, v in enumerate(labels)},
+            "ignore_mismatched_sizes": True,
+        }
     model = load_model(cfg.model, task=cfg.task, num_labels=len(labels) if labels else None, **extra)
     if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # Llama-style classifiers find the last token by it
     heads = classifier_heads(model) if cfg.task == "seq-cls" and not cfg.modules_to_save else None
-    inject(model, cfg.lora_config(default_modules_to_save=heads), name=ADAPTER,
-           base_dtype=torch.bfloat16 if cfg.base_dtype == "bf16" else None, seed=cfg.seed)
+    inject(
+        model,
+        cfg.lora_config(default_modules_to_save=heads),
+        name=ADAPTER,
+        base_dtype=torch.bfloat16 if cfg.base_dtype == "bf16" else None,
+        seed=cfg.seed,
+    )
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
+            raise LorakitError(
+                f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing"
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
@@ -184,7 +202,11 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg, tokenizer)
     if data.dropped and dist.main:
-        log.warning("%d training examples had no target token within --max-length %d and were skipped", data.dropped, cfg.max_length)
+        log.warning(
+            "%d training examples had no target token within --max-length %d and were skipped",
+            data.dropped,
+            cfg.max_length,
+        )
     model = build_model(cfg, tokenizer, data.labels)
     trainable, total = count_parameters(model)
     model.to(dist.device).train()
@@ -194,7 +216,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = StepPlan(len(data.train), cfg.batch_size, cfg.grad_accum, dist.world_size, cfg.seed)
     max_steps = cfg.max_steps or plan.steps_for_epochs(cfg.epochs or 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, max_steps, cfg.schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, max_steps, cfg.schedule)
+    )
 
     start_step, eval_before = 0, None
     if resume_from is not None:
@@ -224,20 +248,41 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
         rng = _rng_states(dist)  # collective: every process takes part
         if not dist.main:
             return None
-        state = {"config": cfg.to_dict(), "epoch": plan.epoch(step), "examples_seen": step * plan.global_batch,
-                 "eval_before": eval_before, "lorakit_version": __version__}
+        state = {
+            "config": cfg.to_dict(),
+            "epoch": plan.epoch(step),
+            "examples_seen": step * plan.global_batch,
+            "eval_before": eval_before,
+            "lorakit_version": __version__,
+        }
         return checkpoint.save(out, step, model, optimizer, scheduler, rng, state, ADAPTER, keep=cfg.keep_checkpoints)
 
     if start_step == 0:
         eval_before = run_eval(0)
     if dist.main:
-        log.info("training %d steps: %d examples, global batch %d (%d x %d accumulation x %d processes), %s trainable of %s parameters",
-                 max_steps, len(data.train), plan.global_batch, cfg.batch_size, cfg.grad_accum, dist.world_size,
-                 f"{trainable:,}", f"{total:,}")
+        log.info(
+            "training %d steps: %d examples, global batch %d (%d x %d accumulation x %d processes), %s trainable of "
+            "%s parameters",
+            max_steps,
+            len(data.train),
+            plan.global_batch,
+            cfg.batch_size,
+            cfg.grad_accum,
+            dist.world_size,
+            f"{trainable:,}",
+            f"{total:,}",
+        )
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", disable=not (cfg.progress and dist.main), dynamic_ncols=True)
+    bar = tqdm(
+        total=max_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (cfg.progress and dist.main),
+        dynamic_ncols=True,
+    )
     step, interrupted, last_eval, last_saved = start_step, False, None, None
     total_tokens, train_seconds = 0, 0.0
     with _StopFlag() as stop:
@@ -258,14 +303,23 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
                 tokens_here += int(batch["attention_mask"].sum())
             loss_all, tokens_all, stop_votes = dist.sum([loss_here, tokens_here, float(stop.requested)])
             step_loss = loss_all / n_targets
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            )
             if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 bar.close()
                 kept = checkpoint.checkpoints(out)
-                where = f"the last good checkpoint is {kept[-1]} (continue with --resume and a lower --lr)" if kept else "no checkpoint had been saved yet (lower --lr and start again)"
+                where = (
+                    f"the last good checkpoint is {kept[-1]} (continue with --resume and a lower --lr)"
+                    if kept
+                    else "no checkpoint had been saved yet (lower --lr and start again)"
+                )
                 what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                raise TrainingDiverged(f"{what} became {step_loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training stopped: {where}")
+                raise TrainingDiverged(
+                    f"{what} became {step_loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training "
+                    f"stopped: {where}"
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -274,9 +328,18 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
             train_seconds += seconds
             total_tokens += tokens_all
             if metrics is not None and (step % cfg.log_every == 0 or step == max_steps):
-                metrics.append({"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                "grad_norm": float(grad_norm), "tokens_per_s": tokens_all / seconds, "epoch": plan.epoch(step),
-                                "elapsed_s": time.perf_counter() - started})
+                metrics.append(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": step_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tokens_all / seconds,
+                        "epoch": plan.epoch(step),
+                        "elapsed_s": time.perf_counter() - started,
+                    }
+                )
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_all / seconds:.0f}", refresh=False)
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
@@ -292,10 +355,25 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     if interrupted:
         dist.barrier()  # rank 0 has written the checkpoint; leave together
         if dist.main:
-            log.warning("stopped at step %d of %d; checkpoint saved to %s; continue with the same command and --resume",
-                        step, max_steps, last_saved)
-        return TrainResult(out, None, step, True, eval_before, last_eval, time.perf_counter() - started, trainable, total,
-                           model=model, tokenizer=tokenizer)
+            log.warning(
+                "stopped at step %d of %d; checkpoint saved to %s; continue with the same command and --resume",
+                step,
+                max_steps,
+                last_saved,
+            )
+        return TrainResult(
+            out,
+            None,
+            step,
+            True,
+            eval_before,
+            last_eval,
+            time.perf_counter() - started,
+            trainable,
+            total,
+            model=model,
+            tokenizer=tokenizer,
+        )
 
     eval_after = run_eval(step) if data.eval else None
     save_checkpoint(step)  # lets a later --resume with a larger --max-steps carry on
@@ -303,12 +381,24 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     adapter_dir = out / "adapter"
     if dist.main:
         run = {
-            "lorakit_version": __version__, "model": cfg.model, "task": cfg.task, "data_format": data.kind,
-            "labels": data.labels, "steps": step, "epochs": plan.epoch(step), "train_examples": len(data.train),
-            "eval_examples": len(data.eval) if data.eval else 0, "trainable_params": trainable, "total_params": total,
-            "eval_before": eval_before, "eval_after": eval_after, "train_seconds": train_seconds,
-            "tokens_per_s": total_tokens / train_seconds if train_seconds else None, "world_size": dist.world_size,
-            "device": str(dist.device), "config": cfg.to_dict(),
+            "lorakit_version": __version__,
+            "model": cfg.model,
+            "task": cfg.task,
+            "data_format": data.kind,
+            "labels": data.labels,
+            "steps": step,
+            "epochs": plan.epoch(step),
+            "train_examples": len(data.train),
+            "eval_examples": len(data.eval) if data.eval else 0,
+            "trainable_params": trainable,
+            "total_params": total,
+            "eval_before": eval_before,
+            "eval_after": eval_after,
+            "train_seconds": train_seconds,
+            "tokens_per_s": total_tokens / train_seconds if train_seconds else None,
+            "world_size": dist.world_size,
+            "device": str(dist.device),
+            "config": cfg.to_dict(),
         }
         with checkpoint.atomic_directory(adapter_dir) as staging:
             save_adapter(model, staging, name=ADAPTER)
@@ -318,5 +408,17 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
             metrics.plot(out / "loss.png", title=f"lorakit train: {Path(cfg.model).name} on {Path(cfg.data).name}")
         log.info("adapter written to %s", adapter_dir)
     dist.barrier()  # nobody tears the process group down while rank 0 is still writing
-    return TrainResult(out, adapter_dir, step, False, eval_before, eval_after, time.perf_counter() - started, trainable, total,
-                       run=run, model=model, tokenizer=tokenizer)
+    return TrainResult(
+        out,
+        adapter_dir,
+        step,
+        False,
+        eval_before,
+        eval_after,
+        time.perf_counter() - started,
+        trainable,
+        total,
+        run=run,
+        model=model,
+        tokenizer=tokenizer,
+    )

@@ -24,10 +24,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..inject import inject
-from ..optim import GaLoreAdamW
-from ..registry import lora_layers
+from lorakit.config import LoraConfig
+from lorakit.inject import inject
+from lorakit.registry import lora_layers
+
+from .galore import GaLoreAdamW
 
 # every weight matrix of a Llama model: embeddings, the seven block matrices and the head
 EVERY_MATRIX = r"model\.embed_tokens|.*_proj|lm_head"
@@ -65,10 +66,12 @@ class Rates:
     galore_scale: float = 0.25
     galore_gap: int = 50
 
-    def scaled(self, factor: float) -> "Rates":
+    def scaled(self, factor: float) -> Rates:
         """Every learning rate times `factor` (the learning-rate sensitivity series)."""
         only = None if self.lora_only is None else self.lora_only * factor
-        return replace(self, full=self.full * factor, lora=self.lora * factor, galore=self.galore * factor, lora_only=only)
+        return replace(
+            self, full=self.full * factor, lora=self.lora * factor, galore=self.galore * factor, lora_only=only
+        )
 
 
 def method_list(ranks: tuple[int, ...], only_ranks: tuple[int, ...], restart_rank: int) -> tuple[Method, ...]:
@@ -88,9 +91,17 @@ def build_model(size: Size, context: int, seed: int) -> nn.Module:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=size.hidden, intermediate_size=int(size.hidden * 8 / 3) // 4 * 4,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=256,
+        hidden_size=size.hidden,
+        intermediate_size=int(size.hidden * 8 / 3) // 4 * 4,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     return LlamaForCausalLM(config)
 
@@ -136,15 +147,24 @@ def configure(model: nn.Module, method: Method, rates: Rates, seed: int) -> torc
                 param.requires_grad_(True)
                 rest.append(param)
         factor_lr = rates.lora_only if method.kind == "lora-only" and rates.lora_only is not None else rates.lora
-        return torch.optim.AdamW([{"params": factors, "lr": factor_lr}, {"params": rest, "lr": rates.full}], weight_decay=0.0)
+        return torch.optim.AdamW(
+            [{"params": factors, "lr": factor_lr}, {"params": rest, "lr": rates.full}], weight_decay=0.0
+        )
     if method.kind == "galore":
         matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in f".{n}"]
         ids = {id(p) for p in matrices}
         rest = [p for p in model.parameters() if id(p) not in ids]
         return GaLoreAdamW(
-            [{"params": matrices, "rank": method.rank, "update_gap": rates.galore_gap, "scale": rates.galore_scale,
-              "lr": rates.galore},
-             {"params": rest, "lr": rates.full}],
+            [
+                {
+                    "params": matrices,
+                    "rank": method.rank,
+                    "update_gap": rates.galore_gap,
+                    "scale": rates.galore_scale,
+                    "lr": rates.galore,
+                },
+                {"params": rest, "lr": rates.full},
+            ],
             lr=rates.full,
         )
     return torch.optim.AdamW(model.parameters(), lr=rates.full, weight_decay=0.0)

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import datasets
-from ..config import LoraConfig
-from ..formats import save_adapter
-from ..inject import inject
-from ..io import write_safetensors
-from ..models import load_model, load_tokenizer
-from ..train.data import Example, collate, encode
-from ..train.objective import evaluate, loss_sum
+from lorakit.config import LoraConfig
+from lorakit.formats import save_adapter
+from lorakit.inject import inject
+from lorakit.io import write_safetensors
+from lorakit.models import load_model, load_tokenizer
+from lorakit.train.data import Example, collate, encode
+from lorakit.train.objective import evaluate, loss_sum
+
+from . import real_data as datasets
 from .meter import PeakMemory, accounted_total, activation_bytes, state_bytes
 
 
@@ -84,10 +85,22 @@ def sentiment_task(max_train: int | None, max_eval: int, max_length: int = 64, b
     train, _ = encode(train_rows, tokenizer, "seq-cls", max_length, labels, "movie reviews")
     held, _ = encode(held_rows, tokenizer, "seq-cls", max_length, labels, "movie reviews")
     return Task(
-        "sentiment", "seq-cls", path, ["query", "value"], ["classifier"], train, held, tokenizer.pad_token_id,
-        batch=batch, lr_full=2e-4, lr_lora=1e-3, num_labels=2, metric="accuracy",
-        description=f"all-MiniLM-L6-v2 + a new 2-way head on movie-review sentences ({len(train):,} train / {len(held):,} held-out, "
-                    f"max {max_length} tokens); metric: held-out accuracy",
+        "sentiment",
+        "seq-cls",
+        path,
+        ["query", "value"],
+        ["classifier"],
+        train,
+        held,
+        tokenizer.pad_token_id,
+        batch=batch,
+        lr_full=2e-4,
+        lr_lora=1e-3,
+        num_labels=2,
+        metric="accuracy",
+        description=f"all-MiniLM-L6-v2 + a new 2-way head on movie-review sentences ({len(train):,} train / "
+        f"{len(held):,} held-out, "
+        f"max {max_length} tokens); metric: held-out accuracy",
     )
 
 
@@ -103,10 +116,21 @@ def shakespeare_task(max_train: int | None, max_eval: int, max_length: int = 128
     train, _ = encode(train_rows[:max_train], tokenizer, "causal-lm", max_length, None, "shakespeare")
     held, _ = encode(held_rows[:max_eval], tokenizer, "causal-lm", max_length, None, "shakespeare")
     return Task(
-        "shakespeare", "causal-lm", "smollm2-135m-instruct", ["q_proj", "v_proj"], None, train, held, tokenizer.pad_token_id,
-        batch=batch, lr_full=1e-4, lr_lora=3e-3, metric="perplexity",
-        description=f"SmolLM2-135M-Instruct on Shakespeare speeches of 200+ characters ({len(train):,} train / {len(held):,} held-out "
-                    f"from the unseen plays {', '.join(held_plays)}; max {max_length} tokens); metric: held-out perplexity",
+        "shakespeare",
+        "causal-lm",
+        "smollm2-135m-instruct",
+        ["q_proj", "v_proj"],
+        None,
+        train,
+        held,
+        tokenizer.pad_token_id,
+        batch=batch,
+        lr_full=1e-4,
+        lr_lora=3e-3,
+        metric="perplexity",
+        description=f"SmolLM2-135M-Instruct on Shakespeare speeches of 200+ characters ({len(train):,} train / "
+        f"{len(held):,} held-out "
+        f"from the unseen plays {', '.join(held_plays)}; max {max_length} tokens); metric: held-out perplexity",
     )
 
 
@@ -114,8 +138,14 @@ def prepare(model: nn.Module, task: Task, variant: Variant, seed: int) -> list[n
     """Make `variant`'s weights trainable (injecting its adapter); return them."""
     if variant.kind == "lora":
         targets = task.qv if variant.targets == "qv" else "all-linear"
-        config = LoraConfig(r=variant.r, alpha=16.0, target_modules=targets, use_dora=variant.dora,
-                            exclude_modules=task.head, modules_to_save=task.head)
+        config = LoraConfig(
+            r=variant.r,
+            alpha=16.0,
+            target_modules=targets,
+            use_dora=variant.dora,
+            exclude_modules=task.head,
+            modules_to_save=task.head,
+        )
         inject(model, config, seed=seed)
     else:
         for name, param in model.named_parameters():
@@ -130,7 +160,9 @@ def checkpoint_bytes(model: nn.Module, variant: Variant) -> int:
         if variant.kind == "lora":
             save_adapter(model, folder)
         elif variant.kind == "head":
-            write_safetensors(folder / "head.safetensors", {n: p for n, p in model.named_parameters() if p.requires_grad})
+            write_safetensors(
+                folder / "head.safetensors", {n: p for n, p in model.named_parameters() if p.requires_grad}
+            )
         else:
             model.save_pretrained(folder)  # safetensors, tied weights stored once
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
@@ -141,8 +173,15 @@ def batch_at(task: Task, step: int, seed: int) -> dict[str, torch.Tensor]:
     return collate([task.train[i] for i in rng.sample(range(len(task.train)), task.batch)], task.pad_id)
 
 
-def train_variant(task: Task, variant: Variant, steps: int, seed: int = 0, bar=None, keep_model: bool = False,
-                  measure_costs: bool = True) -> dict:
+def train_variant(
+    task: Task,
+    variant: Variant,
+    steps: int,
+    seed: int = 0,
+    bar=None,
+    keep_model: bool = False,
+    measure_costs: bool = True,
+) -> dict:
     """Train, evaluate on the held-out part and (with measure_costs) measure memory and checkpoint size."""
     torch.manual_seed(seed)
     model = task.load()
@@ -176,11 +215,22 @@ def train_variant(task: Task, variant: Variant, steps: int, seed: int = 0, bar=N
     del optimizer
     metrics = evaluate(model, task.held_out, task.task, 32, task.pad_id, torch.device("cpu"))
     result = {
-        "task": task.name, "variant": variant.key, "kind": variant.kind, "r": variant.r, "targets": variant.targets, "dora": variant.dora,
-        "steps": steps, "lr": lr, "params": total, "trainable": sum(p.numel() for p in params),
-        "train_loss": losses, "held_out": metrics,
+        "task": task.name,
+        "variant": variant.key,
+        "kind": variant.kind,
+        "r": variant.r,
+        "targets": variant.targets,
+        "dora": variant.dora,
+        "steps": steps,
+        "lr": lr,
+        "params": total,
+        "trainable": sum(p.numel() for p in params),
+        "train_loss": losses,
+        "held_out": metrics,
         "step_seconds": sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0],
-        "memory": memory, "memory_accounted": accounted_total(memory), "measured_rss_rise": peak.rise,
+        "memory": memory,
+        "memory_accounted": accounted_total(memory),
+        "measured_rss_rise": peak.rise,
         "checkpoint_bytes": checkpoint_bytes(model, variant) if measure_costs else None,
     }
     if keep_model:

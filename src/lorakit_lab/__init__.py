@@ -1,4 +1,7 @@
-"""Reproducible studies of the documents' claims: `lorakit experiment NAME [--quick] [--out DIR]`.
+"""lorakit_lab: the research lab beside the library. It imports lorakit; lorakit never imports it.
+
+Reproducible studies of the documents' claims: `lorakit experiment NAME [--quick] [--out DIR]`
+(the subcommand is registered through the `lorakit.commands` entry point, see cli.py).
 
 Each study is one module with `run(out, quick, command) -> dict`; it writes report.md, PNG plots
 and results.json into `out`.
@@ -9,7 +12,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..errors import LorakitError
+from lorakit.errors import LorakitError
 
 # experiment name -> module in this package
 EXPERIMENTS = {

@@ -19,21 +19,34 @@ import math
 
 import torch
 
-from .errors import LorakitError
+from lorakit.errors import LorakitError
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW; parameter groups holding "rank" (with optional "update_gap", "scale") use GaLore on their matrices."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rank: int | None = None, update_gap: int = 200, scale: float = 0.25):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int | None = None,
+        update_gap: int = 200,
+        scale: float = 0.25,
+    ):
         if lr <= 0:
             raise LorakitError(f"GaLoreAdamW lr={lr} is invalid: use a learning rate > 0")
         if rank is not None and (not isinstance(rank, int) or rank < 1):
             raise LorakitError(f"GaLoreAdamW rank={rank!r} is invalid: use an integer >= 1 or None")
         if not isinstance(update_gap, int) or update_gap < 1:
-            raise LorakitError(f"GaLoreAdamW update_gap={update_gap!r} is invalid: use an integer >= 1 (steps between SVDs)")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap, scale=scale)
+            raise LorakitError(
+                f"GaLoreAdamW update_gap={update_gap!r} is invalid: use an integer >= 1 (steps between SVDs)"
+            )
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap, scale=scale
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

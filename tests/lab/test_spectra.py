@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from lorakit.experiments.spectra import captured_energy, energy_rank, left_basis, projected_energy, subspace_similarity
+from lorakit_lab.spectra import captured_energy, energy_rank, left_basis, projected_energy, subspace_similarity
 
 
 def _matrix(singular_values, d=12, k=9, seed=0):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..optim import cosine_schedule
 from . import corpora
+from .galore import cosine_schedule
 from .meter import PeakMemory, accounted_total, activation_bytes, state_bytes
 from .pretrain_methods import Method, Rates, Size, base_weights, block_matrices, build_model, configure
 from .relora import jagged_factor, merge_and_restart
@@ -76,8 +76,15 @@ def frozen_drift(before: dict[str, torch.Tensor], model: nn.Module) -> float:
     return max(moved, default=0.0)
 
 
-def run_one(size: Size, method: Method, rates: Rates, budget: Budget, corpus: corpora.Corpus, windows: torch.Tensor,
-            bar: tqdm | None = None) -> dict:
+def run_one(
+    size: Size,
+    method: Method,
+    rates: Rates,
+    budget: Budget,
+    corpus: corpora.Corpus,
+    windows: torch.Tensor,
+    bar: tqdm | None = None,
+) -> dict:
     """Train `size` from its seeded random init with `method`; return the measurements."""
     model = build_model(size, budget.context, budget.seed)
     start = block_matrices(model)
@@ -127,21 +134,37 @@ def run_one(size: Size, method: Method, rates: Rates, budget: Budget, corpus: co
     probe = corpus.batch("train", budget.batch, budget.context, torch.Generator().manual_seed(0))
     memory["activations"] = activation_bytes(model, lambda: model(input_ids=probe, labels=probe).loss)
     result = {
-        "size": size.name, "hidden": size.hidden, "method": method.key, "kind": method.kind, "rank": method.rank,
-        "params": total_params, "trainable": trainable, "steps": steps, "tokens": steps * budget.batch * budget.context,
+        "size": size.name,
+        "hidden": size.hidden,
+        "method": method.key,
+        "kind": method.kind,
+        "rank": method.rank,
+        "params": total_params,
+        "trainable": trainable,
+        "steps": steps,
+        "tokens": steps * budget.batch * budget.context,
         "step_seconds": sum(times[2:]) / max(1, len(times) - 2) if len(times) > 2 else sum(times) / len(times),
-        "memory": memory, "memory_accounted": accounted_total(memory), "measured_rss_rise": peak.rise, "restarts": restarts,
+        "memory": memory,
+        "memory_accounted": accounted_total(memory),
+        "measured_rss_rise": peak.rise,
+        "restarts": restarts,
         "frozen_drift": frozen_drift(initial, model),
     }
     if method.checkpointing:
         return result
     diverged = not math.isfinite(losses[-1])
     final = evals[-1][1] if evals and not diverged else float("nan")
-    result.update({
-        "train_loss": losses, "eval_curve": evals, "rank_curve": ranks, "diverged": diverged,
-        "held_out_loss": final, "held_out_ppl": math.exp(final) if math.isfinite(final) else float("nan"),
-        "roughness": roughness(losses),
-        "update_rank90_mean": ranks[-1][1] if ranks else float("nan"),
-        "update_rank_max_possible": sum(min(w.shape) for w in start.values()) / len(start),
-    })
+    result.update(
+        {
+            "train_loss": losses,
+            "eval_curve": evals,
+            "rank_curve": ranks,
+            "diverged": diverged,
+            "held_out_loss": final,
+            "held_out_ppl": math.exp(final) if math.isfinite(final) else float("nan"),
+            "roughness": roughness(losses),
+            "update_rank90_mean": ranks[-1][1] if ranks else float("nan"),
+            "update_rank_max_possible": sum(min(w.shape) for w in start.values()) / len(start),
+        }
+    )
     return result

@@ -25,7 +25,7 @@ def test_document_examples_match_the_documents(results):
 
 
 def test_gpt3_arithmetic():
-    from lorakit.experiments.params import gpt3_rows
+    from lorakit_lab.params import gpt3_rows
 
     r4 = {row["r"]: row for row in gpt3_rows()}[4]
     # LoRA paper: W_q, W_v of 96 layers, d_model 12288 -> about 10,000x fewer, 350 GB -> ~35 MB
@@ -36,13 +36,15 @@ def test_gpt3_arithmetic():
 
 def test_minilm_counts_match_peft(results):
     peft = pytest.importorskip("peft")
-    from lorakit.experiments.params import minilm_path
     from lorakit.models import load_model
+    from lorakit_lab.params import minilm_path
 
     data, _ = results
     sweep = {(row["targets"], row["r"]): row for row in data["models"]["all-MiniLM-L6-v2"]["sweep"]}
     model = load_model(str(minilm_path()), task="seq-cls", num_labels=2)
-    reference = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    reference = peft.get_peft_model(
+        model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
     trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
     assert sweep[("q,v", 8)]["trainable"] == trainable == sweep[("q,v", 8)]["formula"]
     # the adapter file is the float32 tensors plus a small header

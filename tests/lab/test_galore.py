@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorakit import LorakitError
-from lorakit.optim import GaLoreAdamW, cosine_schedule
+from lorakit_lab.galore import GaLoreAdamW, cosine_schedule
 
 
 def _train(opt_factory, steps=5):

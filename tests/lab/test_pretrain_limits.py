@@ -7,10 +7,18 @@ import pytest
 from torch import nn
 
 from lorakit.cli.main import main
-from lorakit.experiments.pretrain_methods import Size, build_model
+from lorakit_lab.pretrain_methods import Size, build_model
 
-FILES = ("report.md", "results.json", "loss_curves.png", "gap_vs_size.png", "gap_vs_tokens.png", "rank_vs_steps.png",
-         "memory_time.png", "lr_sensitivity.png")
+FILES = (
+    "report.md",
+    "results.json",
+    "loss_curves.png",
+    "gap_vs_size.png",
+    "gap_vs_tokens.png",
+    "rank_vs_steps.png",
+    "memory_time.png",
+    "lr_sensitivity.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,12 @@ def _counts(data, rank):
 
 def test_every_method_learned_something(results):
     _, runs, report = results
-    assert {"full", "full+ckpt"} <= set(runs) and {r["kind"] for r in runs.values()} >= {"lora-only", "lora", "relora", "galore"}
+    assert {"full", "full+ckpt"} <= set(runs) and {r["kind"] for r in runs.values()} >= {
+        "lora-only",
+        "lora",
+        "relora",
+        "galore",
+    }
     for key, r in runs.items():
         if key.endswith("+ckpt"):
             continue
@@ -49,7 +62,13 @@ def test_every_method_learned_something(results):
         assert r["train_loss"][-1] < r["train_loss"][0]
         assert len(r["eval_curve"]) == len(r["rank_curve"]) >= 2
         assert all(math.isfinite(v) for _, v in r["rank_curve"])
-    for heading in ("Limited parameter space", "Limited expressiveness", "Training stability", "Scalability", "alternatives"):
+    for heading in (
+        "Limited parameter space",
+        "Limited expressiveness",
+        "Training stability",
+        "Scalability",
+        "alternatives",
+    ):
         assert heading in report
     assert "nan" not in report.split("## The documents' claims")[1]
 
@@ -94,7 +113,7 @@ def test_series_ran(results):
 
 
 def test_gap_counts_a_diverged_run_as_behind():
-    from lorakit.experiments.pretrain_runs import gap, pct
+    from lorakit_lab.pretrain_runs import gap, pct
 
     full, lora = {"held_out_ppl": 8.0}, {"held_out_ppl": 9.0}
     assert gap(lora, full) == pytest.approx(12.5)  # 9 / 8 - 1
@@ -103,19 +122,26 @@ def test_gap_counts_a_diverged_run_as_behind():
 
 
 def test_pilot_check_names_off_best_rates_and_unpiloted_sizes():
-    from lorakit.experiments.pretrain_limits import Arm, Plan
-    from lorakit.experiments.pretrain_methods import Rates, method_list
-    from lorakit.experiments.pretrain_report import pilot_check
-    from lorakit.experiments.pretrain_train import Budget
+    from lorakit_lab.pretrain_limits import Arm, Plan
+    from lorakit_lab.pretrain_methods import Rates, method_list
+    from lorakit_lab.pretrain_report import pilot_check
+    from lorakit_lab.pretrain_train import Budget
 
     methods = {m.key: m for m in method_list(ranks=(8,), only_ranks=(8,), restart_rank=8)}
     small, big = Size("s", 32, 2, 2), Size("b", 64, 2, 2)
-    plan = Plan(arms=(Arm(small, Rates(1e-3, 1e-3, 1e-2), ("full",)), Arm(big, Rates(1e-3, 3e-3, 1e-2), ("full", "lora-r8"))),
-                budget=Budget(4, 2, 8, 1, 2, 1), methods=methods)
+    plan = Plan(
+        arms=(Arm(small, Rates(1e-3, 1e-3, 1e-2), ("full",)), Arm(big, Rates(1e-3, 3e-3, 1e-2), ("full", "lora-r8"))),
+        budget=Budget(4, 2, 8, 1, 2, 1),
+        methods=methods,
+    )
     loss = "held-out loss, 4 steps"
-    pilots = [{"size": "b", "method": "full", "lr": 3e-4, loss: 2.5}, {"size": "b", "method": "full", "lr": 1e-3, loss: 2.2},
-              {"size": "b", "method": "full", "lr": 3e-3, loss: 2.4},
-              {"size": "b", "method": "lora-r8", "lr": 1e-3, loss: 2.3}, {"size": "b", "method": "lora-r8", "lr": 3e-3, loss: 2.6}]
+    pilots = [
+        {"size": "b", "method": "full", "lr": 3e-4, loss: 2.5},
+        {"size": "b", "method": "full", "lr": 1e-3, loss: 2.2},
+        {"size": "b", "method": "full", "lr": 3e-3, loss: 2.4},
+        {"size": "b", "method": "lora-r8", "lr": 1e-3, loss: 2.3},
+        {"size": "b", "method": "lora-r8", "lr": 3e-3, loss: 2.6},
+    ]
     text = pilot_check(plan, pilots)
     assert text.startswith("1 of 2 piloted cells run at their best pilot rate")
     assert "lora-r8 at b runs at 0.003 (2.600) while 0.001 scored 2.300" in text
@@ -124,47 +150,72 @@ def test_pilot_check_names_off_best_rates_and_unpiloted_sizes():
 
 def _synthetic(gaps: dict[tuple[str, str], float]) -> tuple[list[dict], object]:
     """Runs for a 2-size plan whose held-out perplexity gaps to full-rank are exactly `gaps` (percent)."""
-    from lorakit.experiments.pretrain_limits import Arm, Plan
-    from lorakit.experiments.pretrain_methods import Rates, method_list
-    from lorakit.experiments.pretrain_train import Budget
+    from lorakit_lab.pretrain_limits import Arm, Plan
+    from lorakit_lab.pretrain_methods import Rates, method_list
+    from lorakit_lab.pretrain_train import Budget
 
     methods = {m.key: m for m in method_list(ranks=(8,), only_ranks=(8,), restart_rank=8)}
     keys = ("full", "lora-only-r8", "lora-r8")
     sizes = (Size("s", 32, 2, 2), Size("b", 64, 2, 2))
-    plan = Plan(arms=tuple(Arm(s, Rates(1e-3, 1e-3, 1e-2), keys) for s in sizes), budget=Budget(4, 2, 8, 1, 2, 1), methods=methods)
+    plan = Plan(
+        arms=tuple(Arm(s, Rates(1e-3, 1e-3, 1e-2), keys) for s in sizes),
+        budget=Budget(4, 2, 8, 1, 2, 1),
+        methods=methods,
+    )
     runs = []
     for size in sizes:
         for key in keys:
             ppl = 10.0 * (1 + gaps.get((size.name, key), 0.0) / 100)
-            runs.append({"series": "main", "corpus": plan.corpus, "size": size.name, "method": key, "lr_scale": 1.0,
-                         "rank": methods[key].rank, "hidden": size.hidden, "params": 1000, "trainable": 1000 if key == "full" else 100,
-                         "tokens": 64, "held_out_ppl": ppl, "held_out_loss": math.log(ppl), "diverged": False, "roughness": 0.05,
-                         "update_rank90_mean": 20.0 if key == "full" else 4.0, "rank_curve": [(4, 4.0)], "restarts": 0,
-                         "memory": {"optimizer": 10, "activations": 10}, "step_seconds": 0.1})
+            runs.append(
+                {
+                    "series": "main",
+                    "corpus": plan.corpus,
+                    "size": size.name,
+                    "method": key,
+                    "lr_scale": 1.0,
+                    "rank": methods[key].rank,
+                    "hidden": size.hidden,
+                    "params": 1000,
+                    "trainable": 1000 if key == "full" else 100,
+                    "tokens": 64,
+                    "held_out_ppl": ppl,
+                    "held_out_loss": math.log(ppl),
+                    "diverged": False,
+                    "roughness": 0.05,
+                    "update_rank90_mean": 20.0 if key == "full" else 4.0,
+                    "rank_curve": [(4, 4.0)],
+                    "restarts": 0,
+                    "memory": {"optimizer": 10, "activations": 10},
+                    "step_seconds": 0.1,
+                }
+            )
     return runs, plan
 
 
 def _verdict_words(gaps) -> str:
-    from lorakit.experiments.pretrain_verdicts import verdicts
+    from lorakit_lab.pretrain_verdicts import verdicts
 
     runs, plan = _synthetic(gaps)
     return verdicts(runs, plan, ["s", "b"], ["full", "lora-only-r8", "lora-r8"], material=3.0)
 
 
 def test_verdicts_follow_the_numbers():
-    behind = _verdict_words({("s", "lora-only-r8"): 10.0, ("b", "lora-only-r8"): 20.0,
-                             ("s", "lora-r8"): 5.0, ("b", "lora-r8"): 12.0})
+    behind = _verdict_words(
+        {("s", "lora-only-r8"): 10.0, ("b", "lora-only-r8"): 20.0, ("s", "lora-r8"): 5.0, ("b", "lora-r8"): 12.0}
+    )
     assert "Limited parameter space: agrees" in behind
     assert "Scalability: with model size, agrees" in behind
     assert "+10.0% at s -> +20.0% at b" in behind
-    level = _verdict_words({("s", "lora-only-r8"): 1.0, ("b", "lora-only-r8"): -1.0, ("s", "lora-r8"): 0.5, ("b", "lora-r8"): 2.0})
+    level = _verdict_words(
+        {("s", "lora-only-r8"): 1.0, ("b", "lora-only-r8"): -1.0, ("s", "lora-r8"): 0.5, ("b", "lora-r8"): 2.0}
+    )
     assert "Limited parameter space: disagrees" in level
     assert "Scalability: with model size, no clear trend" in level
     assert "matches full-rank within noise" in level
 
 
 def test_a_diverged_adapter_counts_as_behind():
-    from lorakit.experiments.pretrain_verdicts import verdicts
+    from lorakit_lab.pretrain_verdicts import verdicts
 
     runs, plan = _synthetic({("s", "lora-only-r8"): 10.0})
     blown = next(r for r in runs if r["size"] == "b" and r["method"] == "lora-only-r8")

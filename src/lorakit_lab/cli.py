@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import LorakitError
-from ..experiments import EXPERIMENTS
+from lorakit.errors import LorakitError
+
+from . import EXPERIMENTS
 
 
 def add_parser(subparsers) -> None:
@@ -17,15 +18,21 @@ def add_parser(subparsers) -> None:
         description="Run one study and write DIR/report.md, DIR/*.png and DIR/results.json.",
     )
     parser.add_argument("name", choices=list(EXPERIMENTS), metavar="NAME", help="one of: " + ", ".join(EXPERIMENTS))
-    parser.add_argument("--quick", action="store_true", help="a smoke-sized run (under a minute; numbers not meaningful)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke-sized run (under a minute; numbers not meaningful)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: lorakit-experiments/NAME)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments import default_out, run_experiment
+    from . import default_out, run_experiment
 
     if args.threads is not None:
         if args.threads < 1:

@@ -10,8 +10,11 @@ import math
 
 def series_runs(runs, series, corpus, size, scale=1.0):
     """{method: run} for one (series, corpus, size, lr scale)."""
-    return {r["method"]: r for r in runs if r["series"] == series and r["corpus"] == corpus and r["size"] == size
-            and math.isclose(r["lr_scale"], scale)}
+    return {
+        r["method"]: r
+        for r in runs
+        if r["series"] == series and r["corpus"] == corpus and r["size"] == size and math.isclose(r["lr_scale"], scale)
+    }
 
 
 def find(runs, series, corpus, size, method, scale=1.0):
@@ -37,7 +40,9 @@ def pct(x: float) -> str:
 def lr_table(runs, plan, s) -> dict[str, list[tuple[float, float]]]:
     """{method: [(scale, held-out loss)]}, scale 1 taken from the main grid when it ran at the same rates."""
     size, out = s.arm.size.name, {}
-    base = next((a for a in plan.arms if a.size == s.arm.size and a.rates == s.arm.rates and s.budget == plan.budget), None)
+    base = next(
+        (a for a in plan.arms if a.size == s.arm.size and a.rates == s.arm.rates and s.budget == plan.budget), None
+    )
     for key in s.arm.methods:
         pts = [(sc, r["held_out_loss"]) for sc in s.lr_scales if (r := find(runs, "lr", s.corpus, size, key, sc))]
         if base is not None and s.corpus == plan.corpus and (r := find(runs, "main", s.corpus, size, key)):

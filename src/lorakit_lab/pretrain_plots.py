@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..train.metrics import running_mean
+from lorakit.train.metrics import running_mean
+
 from .plots import plt
 from .pretrain_runs import series_runs
 
@@ -46,11 +47,23 @@ def loss_curves(runs, corpus, sizes, keys):
             if r is None or "train_loss" not in r:
                 continue
             losses = r["train_loss"]
-            ax.plot(range(1, len(losses) + 1), running_mean(losses, max(1, len(losses) // 30)), color=_color(keys, key), lw=1.1, label=key)
+            ax.plot(
+                range(1, len(losses) + 1),
+                running_mean(losses, max(1, len(losses) // 30)),
+                color=_color(keys, key),
+                lw=1.1,
+                label=key,
+            )
             if r["eval_curve"]:
                 xs, ys = zip(*r["eval_curve"])
                 ax.plot(xs, ys, "o--", color=_color(keys, key), ms=3, lw=0.7)
-        _label(ax, "step", "loss (nats/byte); dots = held-out", f"{corpus}, {size} ({by['full']['params']:,} params)", legend=0)
+        _label(
+            ax,
+            "step",
+            "loss (nats/byte); dots = held-out",
+            f"{corpus}, {size} ({by['full']['params']:,} params)",
+            legend=0,
+        )
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -90,7 +103,12 @@ def gap_vs_tokens(runs, panels, keys):
             xs, ys = zip(*curve)
             ax.plot([x / 1e3 for x in xs], ys, "o-", ms=3, color=_color(keys, key), label=key)
         ax.axhline(0, color="k", lw=0.8)
-        _label(ax, "tokens seen (thousands of bytes)", "held-out ppl vs full-rank (%)", f"{size}, {series} run ({by['full']['steps']} steps)")
+        _label(
+            ax,
+            "tokens seen (thousands of bytes)",
+            "held-out ppl vs full-rank (%)",
+            f"{size}, {series} run ({by['full']['steps']} steps)",
+        )
     fig.tight_layout()
     return fig
 
@@ -106,8 +124,12 @@ def rank_vs_steps(runs, panels, keys):
             ax.plot(xs, ys, "o-", ms=3, color=_color(keys, key), label=key)
         for r in sorted({by[k]["rank"] for k in by if by[k]["rank"]}):
             ax.axhline(r, color="gray", lw=0.6, ls=":")
-        _label(ax, "step", "rank90(W_t - W_0), mean over block matrices",
-               f"{size}, {series} run (max rank {by['full']['update_rank_max_possible']:.0f}; dotted: r)")
+        _label(
+            ax,
+            "step",
+            "rank90(W_t - W_0), mean over block matrices",
+            f"{size}, {series} run (max rank {by['full']['update_rank_max_possible']:.0f}; dotted: r)",
+        )
     fig.tight_layout()
     return fig
 

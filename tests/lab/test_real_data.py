@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lorakit import LorakitError
-from lorakit import datasets as lkd
+from lorakit_lab import real_data as lkd
 
 
 def test_movie_reviews_match_the_published_ground_truth():

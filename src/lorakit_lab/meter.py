@@ -17,9 +17,9 @@ import ctypes
 import gc
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def _release_free_memory() -> None:
 class PeakMemory:
     """`with PeakMemory() as peak: ...` then `peak.rise` = bytes above the starting level (or None)."""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         _release_free_memory()
         self.start = _status_kb("VmRSS")
         self.rise: int | None = None

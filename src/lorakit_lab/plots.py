@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..train.metrics import running_mean  # noqa: E402
+from lorakit.train.metrics import running_mean  # noqa: E402
 
 
 def params_sweep(results):
@@ -15,8 +15,22 @@ def params_sweep(results):
     for i, (name, m) in enumerate(results["models"].items()):
         for ls, targets in (("-", "q,v"), ("--", "all-linear")):
             rows = [row for row in m["sweep"] if row["targets"] == targets]
-            ax.plot([r["r"] for r in rows], [r["reduction"] for r in rows], ls, marker="o", color=f"C{i}", label=f"{name}, {targets}")
-            ax2.plot([r["r"] for r in rows], [r["adapter_bytes"] / 1e6 for r in rows], ls, marker="o", color=f"C{i}", label=f"{name}, {targets}")
+            ax.plot(
+                [r["r"] for r in rows],
+                [r["reduction"] for r in rows],
+                ls,
+                marker="o",
+                color=f"C{i}",
+                label=f"{name}, {targets}",
+            )
+            ax2.plot(
+                [r["r"] for r in rows],
+                [r["adapter_bytes"] / 1e6 for r in rows],
+                ls,
+                marker="o",
+                color=f"C{i}",
+                label=f"{name}, {targets}",
+            )
         ax2.axhline(m["sweep"][0]["full_bytes"] / 1e6, color=f"C{i}", lw=0.8, ls=":", label=f"{name}: full model file")
     for y, label in ((10_000, "10,000x (documents, GPT-3)"), (256, "256x (4096x4096, r=8)")):
         ax.axhline(y, color="gray", lw=0.8, ls=":")
@@ -40,9 +54,25 @@ def finetune_quality(results):
     for ax, (name, t) in zip(axes[0], tasks.items()):
         metric = t["metric"]
         for r in t["runs"]:
-            marker = "s" if r["kind"] == "full" else "^" if r["kind"] == "head" else "D" if r["dora"] else "o" if r["targets"] == "qv" else "v"
+            marker = (
+                "s"
+                if r["kind"] == "full"
+                else "^"
+                if r["kind"] == "head"
+                else "D"
+                if r["dora"]
+                else "o"
+                if r["targets"] == "qv"
+                else "v"
+            )
             ax.scatter(r["trainable"], r["held_out"][metric], marker=marker, s=40)
-            ax.annotate(r["variant"], (r["trainable"], r["held_out"][metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r["variant"],
+                (r["trainable"], r["held_out"][metric]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.axhline(t["base"][metric], color="gray", ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
@@ -83,7 +113,13 @@ def finetune_curves(results):
     for ax, (name, t) in zip(axes[0], tasks.items()):
         for i, r in enumerate(t["runs"]):
             losses = r["train_loss"]
-            ax.plot(range(1, len(losses) + 1), running_mean(losses, max(1, len(losses) // 15)), lw=1, color=f"C{i % 10}", label=r["variant"])
+            ax.plot(
+                range(1, len(losses) + 1),
+                running_mean(losses, max(1, len(losses) // 15)),
+                lw=1,
+                color=f"C{i % 10}",
+                label=r["variant"],
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (smoothed)")
         ax.set_title(name)
@@ -106,7 +142,14 @@ def delta_spectra(results, plan):
     for key in (f"r{plan.ranks[0]}-s{plan.seeds[0]}", f"r{plan.ranks[1]}-s{plan.seeds[0]}"):
         r = int(key[1:].split("-")[0])
         vals = [100 * row["lora_capture"][key] for row in results["layers"]]
-        ax2.scatter([r] * len(vals), vals, marker="x", color="k", zorder=3, label=f"LoRA r={r} subspace" if key.endswith("s0") else None)
+        ax2.scatter(
+            [r] * len(vals),
+            vals,
+            marker="x",
+            color="k",
+            zorder=3,
+            label=f"LoRA r={r} subspace" if key.endswith("s0") else None,
+        )
     ax.set_xlabel("singular value index")
     ax.set_ylabel("s_i / s_1 of full-FT ΔW")
     ax.legend(fontsize=6, ncol=2)
@@ -125,8 +168,14 @@ def delta_similarity(results, plan):
     row = results["layers"][len(results["layers"]) // 2]
     fig, axes = plt.subplots(1, 2, figsize=(11, 2.8))
     for ax, key, side in ((axes[0], "phi_rank", "ΔW output side"), (axes[1], "phi_rank_A", "A (input side)")):
-        im = ax.imshow(row[key], aspect="auto", vmin=0, vmax=1, cmap="viridis",
-                       extent=(0.5, len(row[key][0]) + 0.5, len(row[key]) + 0.5, 0.5))
+        im = ax.imshow(
+            row[key],
+            aspect="auto",
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            extent=(0.5, len(row[key][0]) + 0.5, len(row[key]) + 0.5, 0.5),
+        )
         ax.set_xlabel(f"j (r={plan.ranks[1]})")
         ax.set_ylabel(f"i (r={plan.ranks[0]})")
         ax.set_title(f"{row['layer']}: {side}", fontsize=9)

@@ -12,10 +12,11 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ..io import atomic_directory, write_json
+from lorakit.io import atomic_directory, write_json
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -27,7 +28,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "nan"
-        if abs(value) >= 10 ** digits:
+        if abs(value) >= 10**digits:
             return f"{value:,.0f}"
         return f"{value:.{digits}g}"
     return str(value)
@@ -82,7 +83,9 @@ def versions() -> dict[str, str]:
             out[package] = "not installed"
     try:
         root = Path(__file__).resolve().parents[3]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if commit.returncode == 0:
             out["lorakit_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -118,12 +121,14 @@ class Report:
         head = [
             f"# {self.title}",
             "",
-            f"Reproduce: `{self.command}`" + ("  (quick mode: a smoke-sized run, numbers are not meaningful)" if self.quick else ""),
+            f"Reproduce: `{self.command}`"
+            + ("  (quick mode: a smoke-sized run, numbers are not meaningful)" if self.quick else ""),
             "",
-            f"Ran {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, {results['wall_seconds']:.0f} s wall; "
-            f"machine: {env['machine']['cpu']} ({env['machine']['cpu_count']} cores, {env['machine']['torch_threads']} torch threads, "
-            f"{env['machine']['memory_gb']} GB RAM); "
-            + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+            f"Ran {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, {results['wall_seconds']:.0f} s "
+            "wall; "
+            f"machine: {env['machine']['cpu']} ({env['machine']['cpu_count']} cores, "
+            f"{env['machine']['torch_threads']} torch threads, "
+            f"{env['machine']['memory_gb']} GB RAM); " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
             "",
         ]
         return "\n".join(head) + "\n" + "\n\n".join(self.blocks) + "\n"

@@ -18,7 +18,7 @@ def results(tmp_path_factory):
 
 def test_costs(results):
     data, report = results
-    for name, task in data["tasks"].items():
+    for task in data["tasks"].values():
         runs = {r["variant"]: r for r in task["runs"]}
         full = runs["full"]
         assert full["trainable"] == full["params"]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import datasets
-from ..errors import LorakitError
+from lorakit.errors import LorakitError
+
+from . import real_data as datasets
 
 CORPORA = ("shakespeare", "python-stdlib")
 
@@ -67,6 +68,8 @@ def load(name: str, max_bytes: int | None = None) -> Corpus:
     if max_bytes is not None:
         train, held = train[:max_bytes], held[:held_cap]
     if len(train) < 4096 or len(held) < 1024:
-        raise LorakitError(f"corpus {name!r} has too little text ({len(train)} train bytes); check the installed package")
+        raise LorakitError(
+            f"corpus {name!r} has too little text ({len(train)} train bytes); check the installed package"
+        )
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
     return Corpus(name, as_tensor(train), as_tensor(held), len(texts))

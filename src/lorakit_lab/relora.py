@@ -13,11 +13,13 @@ import math
 
 import torch
 
-from ..registry import lora_layers
+from lorakit.registry import lora_layers
 
 
 @torch.no_grad()
-def merge_and_restart(model: torch.nn.Module, name: str, optimizer: torch.optim.Optimizer, generator: torch.Generator | None = None) -> int:
+def merge_and_restart(
+    model: torch.nn.Module, name: str, optimizer: torch.optim.Optimizer, generator: torch.Generator | None = None
+) -> int:
     """Fold adapter `name` into its base weights and restart it from B = 0; returns the layers touched."""
     touched = 0
     for _, layer in lora_layers(model):
