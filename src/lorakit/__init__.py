@@ -27,6 +27,7 @@ from .errors import LorakitError
 from .formats import load_adapter, save_adapter
 from .inject import inject
 from .mixed_batch import per_row
+from .prefix import PrefixConfig, active_prefix, add_prefix, delete_prefix, list_prefixes, set_prefix
 
 __version__ = "0.1.0"
 
@@ -35,13 +36,18 @@ __all__ = [
     "LoraConfig",
     "LorakitError",
     "ParameterCount",
+    "PrefixConfig",
     "active_adapter",
+    "active_prefix",
+    "add_prefix",
     "combine",
     "count_parameters",
     "delete_adapter",
+    "delete_prefix",
     "disabled",
     "inject",
     "list_adapters",
+    "list_prefixes",
     "load_adapter",
     "merge",
     "merge_and_unload",
@@ -49,6 +55,7 @@ __all__ = [
     "per_row",
     "save_adapter",
     "set_adapter",
+    "set_prefix",
     "set_trainable",
     "unmerge",
 ]
