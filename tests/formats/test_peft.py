@@ -91,6 +91,29 @@ def test_lorakit_loads_what_peft_writes(case, tmp_path):
     torch.testing.assert_close(run(again, case), expected, atol=1e-5, rtol=1e-5)
 
 
+class NestedNames(torch.nn.Module):
+    """`out.0` is a Linear while `blocks.0` is a container: the leaf name "0" alone would match both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"fc": torch.nn.Linear(4, 4)})])
+        self.out = torch.nn.Sequential(torch.nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.blocks[0]["fc"](x)))
+
+
+def test_saved_target_names_never_match_a_container(tmp_path):
+    model = lorakit.inject(NestedNames(), LoraConfig(r=2, target_modules=["out.0"]))
+    randomize_adapter(model, "default")
+    x = torch.randn(2, 4)
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == ["out.0"]
+    peft_model = PeftModel.from_pretrained(NestedNames(), tmp_path / "a").eval()
+    torch.testing.assert_close(peft_model(x), model(x), atol=1e-6, rtol=1e-6)
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     model = lorakit.inject(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
     randomize_adapter(model, "default")

@@ -59,9 +59,12 @@ def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, i
 
 
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
-    """Leaf names (e.g. q_proj) when they pick exactly `paths`, else the full paths."""
+    """Leaf names (e.g. q_proj) when they pick exactly `paths`, else the full paths.
+
+    Every module counts, not only adaptable ones: PEFT wraps whatever a name matches and refuses a
+    container, so `to_out.0` must not be saved as "0" in a model that also has `down_blocks.0`."""
     leaves = {p.rsplit(".", 1)[-1] for p in paths}
-    picked = {p for p, m in walk(model) if p.rsplit(".", 1)[-1] in leaves and is_adaptable(base_of(m))}
+    picked = {p for p, _ in walk(model) if p.rsplit(".", 1)[-1] in leaves}
     return sorted(leaves) if picked == set(paths) else sorted(paths)
 
 
