@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "pretrain-limits": "pretrain_limits",
     "delta-rank": "delta_rank",
     "finetune-vs-full": "finetune_vs_full",
+    "image-styles": "image_styles",
 }
 
 

@@ -182,3 +182,69 @@ def delta_similarity(results, plan):
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def digit_grid(rows, title=""):
+    """One row of 8x8 images per (label, images) pair, ink dark on white; columns share their seed."""
+    columns = max(len(images) for _, images in rows)
+    cell, label, top = 0.55, 1.4, 0.35 if title else 0.1  # inches: square cells, a label margin on the left
+    width, height = label + cell * columns, top + cell * len(rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=label / width, right=0.995, bottom=0.02, top=1 - top / height, wspace=0.06, hspace=0.06)
+    for i, (name, images) in enumerate(rows):
+        for j in range(columns):
+            ax = axes[i][j]
+            if j < len(images):
+                ax.imshow(images[j], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def style_curves(results):
+    """Each style statistic of the samples against the mix weight, with the data's own values."""
+    rows = [r for r in results["rows"] if r["mix_weight"] is not None]
+    rows.sort(key=lambda r: r["mix_weight"])
+    a, b = results["styles"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, stat in zip(axes, ("ink", "slant")):
+        ws = [r["mix_weight"] for r in rows]
+        ax.errorbar(
+            ws,
+            [r[stat] for r in rows],
+            yerr=[r[f"{stat}_se"] for r in rows],
+            fmt="o-",
+            color="C0",
+            capsize=3,
+            label="samples, mix",
+        )
+        for key, color, ls in (("base", "C1", "--"), ("both", "C2", "-.")):
+            row = next((r for r in results["rows"] if r["key"] == key), None)
+            if row is not None:
+                ax.axhline(row[stat], color=color, ls=ls, lw=1, label=f"samples, {row['label']}")
+        for key, color in (("all", "gray"), (a["name"], "C3"), (b["name"], "C4")):
+            ax.axhline(results["data"][key][stat], color=color, ls=":", lw=1.2, label=f"data: {key}")
+        ax.set_xlabel(f"mix weight w on {a['name']} (1 - w on {b['name']})")
+        ax.set_ylabel(f"mean {stat} of the samples")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def ddpm_losses(results):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (name, losses) in enumerate(results["losses"].items()):
+        ax.plot(
+            range(1, len(losses) + 1), running_mean(losses, max(1, len(losses) // 25)), lw=1, color=f"C{i}", label=name
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("denoising loss ||ε - ε_θ||² (smoothed)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
