@@ -19,12 +19,13 @@ def write_report(report: Report, results: dict) -> None:
     report.add(
         f"The base is a diffusers `UNet2DModel` ({params['base']:,} parameters; channels {tuple(shape['channels'])}, "
         f"{shape['layers_per_block']} ResNet block per level, attention at the lowest resolution) trained from random "
-        f"init as a DDPM (1,000 steps, cosine noise schedule) on all 1,797 real 8x8 handwritten digits that ship with "
+        f"init as a DDPM (1,000 noise levels, cosine schedule) on all 1,797 real 8x8 handwritten digits that ship with "
         f"scikit-learn (UCI optical recognition of handwritten digits), {plan['base_steps']} steps of batch "
         f"{plan['batch']}, AdamW lr {plan['base_lr']:g}, EMA {plan['ema']:g}. Two lorakit LoRA adapters "
         f"(r={plan['r']}, alpha={plan['r']}) on its ResNet `Conv2d` 3x3 layers and attention `Linear` layers "
         f"({', '.join(results['targets'])}) then train on one real sub-population each, "
-        f"{plan['adapter_steps']} steps, lr {plan['adapter_lr']:g}, everything else frozen. Every sample comes out of "
+        f"{plan['adapter_steps']} steps of batch {plan['adapter_batch']}, lr {plan['adapter_lr']:g}, everything "
+        "else frozen. Every sample comes out of "
         f"diffusers' `DDIMPipeline` ({plan['sample_steps']} DDIM steps, eta 0) with the lorakit-adapted UNet inside; "
         f"sample i of every model starts from the noise of seed i, so the columns of the grid (and the "
         f"{plan['samples']} samples behind each row of the tables) are comparable image by image. " + plan["note"]
@@ -71,6 +72,12 @@ def write_report(report: Report, results: dict) -> None:
             ],
         ],
         caption=f"lorakit adapts {params['adapted_layers']} layers (Conv2d and Linear) of the UNet:",
+    )
+    sec = results["seconds"]
+    report.add(
+        "Cost on the CPU named above, 1 process: "
+        + ", ".join(f"{k} {v['cpu']:.0f} CPU-s ({v['wall']:.0f} s wall)" for k, v in sec.items())
+        + "."
     )
     report.figure(plots.ddpm_losses(results), "losses.png", "Denoising loss while training the base and each adapter")
     report.section("Samples")
