@@ -1,6 +1,35 @@
+"""LoraConfig: every field checked on construction, errors naming field, value and what is allowed."""
+
+import math
+
 import pytest
 
 from lorakit import LoraConfig, LorakitError
+
+# field -> values that must be refused: wrong types, out of range, non-finite, strings for booleans
+BAD = {
+    "r": [0, -3, 2.5, True, "8", None, [8], 1 << 21, math.inf, math.nan],
+    "alpha": [0, -1, True, "16", None, math.nan, math.inf, -math.inf, [16]],
+    "dropout": [1.0, -0.1, True, "0.1", None, math.nan, [0.1]],
+    "target_modules": ["q_proj(", [], [""], [5], ["  "], 5, {"q_proj": 1}, "[", "*"],
+    "exclude_modules": ["(", [], [3], 3.5],
+    "layers_to_transform": [[-1], "0", [True], 1.5, [], [0.5], True],
+    "layers_pattern": ["(", 5, ""],
+    "rank_pattern": [{"q_proj": 0}, {"q_proj": "2"}, {"q_proj": [2]}, {"(": 2}, {"": 2}, {"q_proj": True}, ["q"], "q"],
+    "alpha_pattern": [{"q_proj": -1}, {"q_proj": math.nan}, {"q_proj": math.inf}, {"q_proj": "2"}, {"(": 1}, [1]],
+    "bias": ["some", 1, True, None, ["all"]],
+    "modules_to_save": [[1], [""], 5, {"classifier": 1}],
+    "init": ["xavier", 1, True, None],
+    "use_rslora": ["false", "no", 1, 0, None, "True"],
+    "use_dora": ["yes", "false", 1, 0.0, None],
+}
+
+
+@pytest.mark.parametrize("field,value", [(f, v) for f, values in BAD.items() for v in values])
+def test_every_bad_value_is_refused_in_one_line(field, value):
+    with pytest.raises(LorakitError) as err:
+        LoraConfig(**{field: value})
+    assert f"LoraConfig.{field}=" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
+from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule
-from .registry import adapter_configs, lora_layers, require_adapter, saved_modules, set_submodule, walk
+from .registry import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -46,29 +48,45 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
 def set_trainable(model: nn.Module, name: str) -> None:
     """Freeze everything, then unfreeze adapter `name` (its A, B, DoRA m, saved modules, biases)."""
     require_adapter(model, name)
-    config = adapter_configs(model)[name]
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, layer in lora_layers(model):
+    model.requires_grad_(False)
+    adapted = set()
+    for path, layer in lora_layers(model):
+        if name in layer.specs:
+            adapted.add(path)
         for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
             if name in store:
                 store[name].requires_grad_(True)
-        bias = getattr(layer.base_layer, "bias", None)
-        if config.bias == "lora_only" and name in layer.specs and bias is not None:
-            bias.requires_grad_(True)
     for _, holder in saved_modules(model):
         if name in holder.copies:
             holder.copies[name].requires_grad_(True)
-    if config.bias == "all":
-        for param_name, param in model.named_parameters():
-            if is_shared_bias(param_name):
-                param.requires_grad_(True)
+    for param in owned_biases(model, adapter_configs(model)[name], adapted).values():
+        param.requires_grad_(True)
 
 
 def is_shared_bias(param_name: str) -> bool:
     """A bias of the base model (not of an adapter or of a modules_to_save copy)."""
     inside_wrapper = any(part in param_name for part in (".lora_", ".copies.", ".original_module."))
     return param_name.endswith("bias") and not inside_wrapper
+
+
+def canonical(param_name: str) -> str:
+    """A base parameter's name as in the unwrapped model ("x.base_layer.bias" -> "x.bias")."""
+    return param_name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def owned_biases(model: nn.Module, config: LoraConfig, adapted: set[str], exclude: set[str] = frozenset()) -> dict:
+    """The base biases an adapter trains and saves, by canonical name: none, every shared bias ("all"), or
+    those of its adapted layers ("lora_only"). Biases inside `exclude` (modules_to_save) belong to the copy."""
+    if config.bias == "none":
+        return {}
+    owned = {}
+    for param_name, param in model.named_parameters():
+        name = canonical(param_name)
+        if not is_shared_bias(param_name) or any(name.startswith(p + ".") for p in exclude):
+            continue
+        if config.bias == "all" or name.rsplit(".", 1)[0] in adapted:
+            owned[name] = param
+    return owned
 
 
 @contextmanager
@@ -97,10 +115,20 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         holder.delete_copy(name)
         if not holder.copies:
             set_submodule(model, path, holder.original_module)
+    _restore_biases(model, name)
     del adapter_configs(model)[name]
     if active_adapter(model) == name:
         set_adapter(model, None)
     return model
+
+
+def _restore_biases(model: nn.Module, name: str) -> None:
+    """Biases are shared with the base: an adapter that set or trained them gives the old values back."""
+    backup = bias_backups(model).pop(name, {})
+    params = {canonical(n): p for n, p in model.named_parameters()} if backup else {}
+    with torch.no_grad():
+        for param_name, value in backup.items():
+            params[param_name].copy_(value)
 
 
 def _check_untied(model: nn.Module) -> None:
@@ -145,7 +173,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         set_submodule(model, path, layer.base_layer)
     for path, holder in list(saved_modules(model)):
         set_submodule(model, path, holder.current())
-    for key in ("lorakit_configs", "lorakit_active"):
+    for key in ("lorakit_configs", "lorakit_active", "lorakit_bias_backups"):
         model.__dict__.pop(key, None)
     return model
 

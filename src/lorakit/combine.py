@@ -10,16 +10,18 @@ never formed; the relative Frobenius error of the dropped part is reported.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import set_adapter
+from .attach import AdapterPlan, LayerChange, apply, check_new_name
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import AdapterSpec
-from .registry import adapter_configs, check_adapter_name, lora_layers, require_adapter
+from .registry import adapter_configs, lora_layers, require_adapter
 
 
 @dataclass
@@ -52,27 +54,15 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", rank
     """Add adapter `name` = Σ weights[n]·ΔW_n (exact; or its best rank-`rank` approximation) and activate it."""
     if not isinstance(weights, dict) or not weights:
         raise LorakitError("combine needs weights as a non-empty dict, e.g. {'sql': 0.7, 'poet': 0.3}")
-    check_adapter_name(name)
+    check_new_name(model, name)
     configs = adapter_configs(model)
-    if name in configs:
-        raise LorakitError(f"adapter '{name}' already exists; pick another name for the combination")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise LorakitError(f"rank={rank!r} is invalid: give an integer >= 1, or None for the exact combination")
-    for source in weights:
+    for source, weight in weights.items():
         require_adapter(model, source)
-        if configs[source].use_dora:
-            raise LorakitError(
-                f"adapter '{source}' uses DoRA, whose magnitude rescaling does not add up linearly; merge it instead"
-            )
-        if configs[source].init == "pissa":
-            raise LorakitError(
-                f"adapter '{source}' is a PiSSA adapter, which owns its layers' base weights; save and reload it as a "
-                "plain LoRA first"
-            )
-        if configs[source].modules_to_save:
-            raise LorakitError(
-                f"adapter '{source}' has modules_to_save, which cannot be combined; combine adapters without them"
-            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise LorakitError(f"the weight of '{source}' is {weight!r}; weights must be finite numbers")
+        _check_combinable(source, configs[source])
 
     report = CombineReport(name)
     built = []
@@ -89,19 +79,34 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", rank
             built.append((path, layer, a, b))
             report.ranks[path] = a.shape[0]
             report.relative_error[path] = error
-    for _, layer, a, b in built:
-        layer.add_adapter(name, AdapterSpec(r=a.shape[0], scale=1.0))
-        layer.lora_A[name].data.copy_(a.reshape(layer.lora_A[name].shape))
-        layer.lora_B[name].data.copy_(b.reshape(layer.lora_B[name].shape))
-        layer.lora_A[name].requires_grad_(False)
-        layer.lora_B[name].requires_grad_(False)
     top = max(report.ranks.values())
-    configs[name] = LoraConfig(
+    config = LoraConfig(
         r=top,
         alpha=top,
         target_modules=list(report.ranks),
-        rank_pattern={p: r for p, r in report.ranks.items() if r != top},
-        alpha_pattern={p: r for p, r in report.ranks.items() if r != top},
+        rank_pattern={re.escape(p): r for p, r in report.ranks.items() if r != top},
+        alpha_pattern={re.escape(p): r for p, r in report.ranks.items() if r != top},
     )
-    set_adapter(model, name)
+    changes = [
+        LayerChange(path, layer, layer, AdapterSpec(r=a.shape[0], scale=1.0), (a.reshape(layer._a_shape(a.shape[0])),
+                    b.reshape(layer._b_shape(a.shape[0]))))
+        for path, layer, a, b in built
+    ]  # fmt: skip
+    apply(model, AdapterPlan(name, config, changes), freeze=False, activate=True)
     return report
+
+
+def _check_combinable(source: str, config: LoraConfig) -> None:
+    if config.use_dora:
+        raise LorakitError(
+            f"adapter '{source}' uses DoRA, whose magnitude rescaling does not add up linearly; merge it instead"
+        )
+    if config.init == "pissa":
+        raise LorakitError(
+            f"adapter '{source}' is a PiSSA adapter, which owns its layers' base weights; save and reload it as a "
+            "plain LoRA first"
+        )
+    if config.modules_to_save:
+        raise LorakitError(
+            f"adapter '{source}' has modules_to_save, which cannot be combined; combine adapters without them"
+        )

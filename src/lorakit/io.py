@@ -67,21 +67,109 @@ def write_safetensors(
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+# Caps on what lorakit reads from files a user hands it: far above any real adapter, far below
+# what could exhaust memory or the parser's recursion.
+MAX_JSON_BYTES = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+
+
+def inside(directory: str | os.PathLike, name: str) -> Path:
+    """DIR/name as a regular file that resolves inside DIR (a symlink pointing elsewhere is refused)."""
+    directory = Path(directory)
+    path = directory / name
+    if not path.is_file():
+        raise LorakitError(f"{path} does not exist or is not a regular file; check the path")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise LorakitError(f"{path} is a link to a file outside {directory}; copy the file into the folder instead")
+    return path
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (checked before parsing, which recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"key {repeated!r} appears twice")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """Strict JSON: size and nesting capped, no duplicate keys, no NaN/Infinity."""
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"{path} does not exist; check the path")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise LorakitError(f"{path} is {size:,} bytes; lorakit reads JSON files up to {MAX_JSON_BYTES:,} bytes")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = path.read_bytes().decode("utf-8")
+        if _json_depth(text) > MAX_JSON_DEPTH:
+            raise ValueError(f"it nests deeper than {MAX_JSON_DEPTH} levels")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LorakitError(f"{path} is not valid JSON ({err}); re-create it") from None
+
+
+def _header_size(path: Path) -> int:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise LorakitError(f"{path} is not a readable safetensors file (too short); re-save it")
+    size = int.from_bytes(head, "little")
+    if size > MAX_SAFETENSORS_HEADER:
+        raise LorakitError(
+            f"{path} is not a readable safetensors file: it announces a {size:,}-byte header "
+            f"(limit {MAX_SAFETENSORS_HEADER:,}); re-save it"
+        )
+    return size
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"{path} does not exist; check the path")
+    _header_size(path)
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise LorakitError(f"{path} is not a readable safetensors file ({err}); re-save it") from None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header's __metadata__ (string to string), without reading the tensors."""
+    path = Path(path)
+    size = _header_size(path)
+    try:
+        with path.open("rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(size).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as err:
+        raise LorakitError(f"{path} has an unreadable safetensors header ({err}); re-save it") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}

@@ -15,19 +15,27 @@ from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,127}")
 
 
-def check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+def check_adapter_name(name: object) -> None:
+    """Adapter names are plain identifiers of at most 128 characters (they also name folders and URLs)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
         raise LorakitError(
-            f"adapter name {name!r} is invalid: use letters, digits, '_' or '-', starting with a letter or '_'"
+            f"adapter name {shown} is invalid: use a plain identifier (1-128 letters, digits, '_' or '-', starting "
+            "with a letter or '_')"
         )
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The configs of the adapters injected into `model`, by name (kept on the model itself)."""
     return model.__dict__.setdefault("lorakit_configs", {})
+
+
+def bias_backups(model: nn.Module) -> dict[str, dict]:
+    """Per adapter, the base biases as they were before it set or trained them (restored on delete)."""
+    return model.__dict__.setdefault("lorakit_bias_backups", {})
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -217,3 +217,13 @@ def test_loaded_adapter_is_frozen_unless_asked(tmp_path):
     assert lorakit.count_parameters(frozen).trainable == 0
     trainable = lorakit.load_adapter(tiny_llama(), directory, trainable=True)
     assert lorakit.count_parameters(trainable).trainable == 2 * (4 * 64 + 4 * 48)
+
+
+def test_a_classifier_adapter_without_its_head_loads_in_peft(tmp_path):
+    """A SEQ_CLS task type makes PEFT demand the head in the file; an adapter without one gets no task type."""
+    model = lorakit.inject(tiny_bert(), LoraConfig(r=2, target_modules=["query", "value"]))
+    randomize_adapter(model, "default")
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] is None
+    peft_model = PeftModel.from_pretrained(tiny_bert(), tmp_path / "a").eval()
+    torch.testing.assert_close(peft_model(token_ids(2, 7)).logits, model(token_ids(2, 7)).logits)

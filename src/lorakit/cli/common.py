@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
-from ..formats.peft import CONFIG_FILE, read_adapter
+from ..formats import read_adapter
+from ..formats.peft import CONFIG_FILE
 from ..models import load_model, load_tokenizer
 
 _HEAD_WEIGHT = re.compile(r"\.(score|classifier|classifier\.out_proj)\.weight$")

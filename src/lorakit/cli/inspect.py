@@ -73,26 +73,18 @@ def spectrum_stats(sigma: torch.Tensor, scale: float, dims: tuple[int, int]) -> 
 
 
 def inspect_adapter(directory: Path) -> dict[str, Any]:
-    from ..formats.peft import _LORA_KEY, PREFIX, WEIGHTS_FILE, config_from_peft, read_adapter
+    from ..config import lora_scale
+    from ..formats.peft import WEIGHTS_FILE
+    from ..formats.peft_read import parse_adapter, read_adapter
 
     config, tensors = read_adapter(directory)
-    lora = config_from_peft(config)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    others = 0
-    for key, value in tensors.items():
-        found = _LORA_KEY.match(key.removeprefix(PREFIX))
-        if found:
-            parts.setdefault(found["path"], {})[found["kind"].replace("lora_embedding_", "lora_")] = value
-        else:
-            others += value.numel()
+    adapter = parse_adapter(config, tensors)  # the loader's own checks: pairs, ranks, dtypes, finite values
+    others = sum(t.numel() for t in adapter.others.values())
     layers = []
-    for path, pair in parts.items():
-        if "lora_A" not in pair or "lora_B" not in pair:
-            raise LorakitError(f"adapter layer '{path}' lacks lora_A or lora_B; the file is incomplete")
-        a, b = pair["lora_A"].float(), pair["lora_B"].float()
+    for path, parts in adapter.factors.items():
+        a, b = parts["A"].float(), parts["B"].float()
         r = a.shape[0]
-        alpha = lora.alpha_for(path)
-        scale = alpha / math.sqrt(r) if lora.use_rslora else alpha / r
+        scale = lora_scale(adapter.config.alpha_for(path), r, adapter.config.use_rslora)
         dims = (b.shape[0], a[0].numel())
         stats = spectrum_stats(update_spectrum(a, b), scale, dims)
         layers.append({"module": path, "shape": f"{dims[0]} x {dims[1]}", "r": r, "scale": scale, **stats})
@@ -173,8 +165,8 @@ def meta_model(name: str):
 def lora_parameters(model, targets, rank: int) -> tuple[int, int]:
     """(layers, trainable parameters) of a rank-`rank` adapter on `targets`, exactly as inject would build it."""
     from ..config import LoraConfig
-    from ..inject import find_targets
     from ..layers import wrap
+    from ..targets import find_targets
 
     found = find_targets(model, LoraConfig(r=rank, target_modules=targets))
     total = 0
@@ -185,9 +177,9 @@ def lora_parameters(model, targets, rank: int) -> tuple[int, int]:
 
 
 def inspect_model(name: str, ranks: list[int]) -> dict[str, Any]:
-    from ..inject import DEFAULT_TARGETS, output_head_names
     from ..layers import is_adaptable
     from ..registry import walk
+    from ..targets import DEFAULT_TARGETS, output_head_names
 
     model = meta_model(name)
     total = sum(p.numel() for p in model.parameters())

@@ -2,23 +2,44 @@
 
 from torch import nn
 
+from ..errors import LorakitError
 from .base import AdapterSpec, LoraLayer
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_gpt2_conv1d
 from .saved_module import SavedModule
 
-__all__ = ["AdapterSpec", "LoraLayer", "Linear", "Embedding", "Conv", "SavedModule", "wrap", "is_adaptable"]
+__all__ = [
+    "AdapterSpec",
+    "LoraLayer",
+    "Linear",
+    "Embedding",
+    "Conv",
+    "SavedModule",
+    "wrap",
+    "is_adaptable",
+    "layer_class",
+    "is_gpt2_conv1d",
+]
 
 
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_gpt2_conv1d(module)
 
 
+def layer_class(module: nn.Module) -> type[LoraLayer]:
+    """The LoRA layer class that wraps `module`: the one place that maps base layer kinds to wrappers."""
+    if isinstance(module, nn.Embedding):
+        return Embedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv
+    if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+        return Linear
+    raise LorakitError(
+        f"{type(module).__name__} cannot be adapted; LoRA wraps Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d"
+    )
+
+
 def wrap(module: nn.Module) -> LoraLayer:
     """The LoRA layer for `module` (which it keeps as `base_layer`)."""
-    if isinstance(module, nn.Embedding):
-        return Embedding(module)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv(module)
-    return Linear(module)
+    return layer_class(module)(module)

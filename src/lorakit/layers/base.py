@@ -84,15 +84,9 @@ class LoraLayer(nn.Module):
         (already shaped like lora_A / lora_B; used as storage when dtype and device match)."""
         if name in self.specs:
             raise LorakitError(f"adapter '{name}' already exists on this layer; delete it first or pick another name")
-        if spec.use_dora and not self.supports_dora:
-            kind = type(self.base_layer).__name__
-            raise LorakitError(
-                f"use_dora is supported on Linear and GPT-2 Conv1D layers, not {kind}; exclude it or set use_dora=False"
-            )
-        if spec.init == "pissa" and self.specs:
-            raise LorakitError("init='pissa' rewrites the base weight, so it must be the only adapter on a layer")
-        if any(s.init == "pissa" for s in self.specs.values()):
-            raise LorakitError("this layer holds a PiSSA adapter, which rewrote its base weight; delete it first")
+        problem = self.refusal(spec)
+        if problem:
+            raise LorakitError(problem)
         weight = self._weight_2d()
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
         if factors is not None:  # loading from a file: no initialisation to throw away
@@ -152,6 +146,42 @@ class LoraLayer(nn.Module):
         del self.specs[name]
         if self.active == name:
             self.active = None
+
+    def refusal(self, spec: AdapterSpec) -> str | None:
+        """Why this layer cannot take an adapter like `spec` (None if it can): the one home of these rules."""
+        if spec.use_dora and not self.supports_dora:
+            kind = type(self.base_layer).__name__
+            return f"use_dora is not supported on {kind} layers; exclude it or set use_dora=False"
+        if spec.init == "pissa" and self.specs:
+            return "init='pissa' rewrites the base weight, so it must be the only adapter on a layer"
+        if any(s.init == "pissa" for s in self.specs.values()):
+            return "this layer holds a PiSSA adapter, which rewrote its base weight; delete that adapter first"
+        if not self.base_layer.weight.is_floating_point():
+            return f"the base weight is {self.base_layer.weight.dtype}; LoRA needs a floating-point base weight"
+        if spec.r > max(self.out_dim, self.in_dim):
+            return (
+                f"rank r={spec.r} exceeds the layer's larger dimension ({self.out_dim} x {self.in_dim}); a rank above "
+                "min(d, k) adds parameters but no expressiveness"
+            )
+        return None
+
+    def discard_adapter(self, name: str, restore_weight: Tensor | None = None) -> None:
+        """Forget adapter `name` as if it was never added (undoing a failed attach): no arithmetic on
+        the base weight; `restore_weight` (a saved copy of it) is put back bitwise when given."""
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude):
+            if name in store:
+                del store[name]
+        self.specs.pop(name, None)
+        self._pissa_start.pop(name, None)
+        if restore_weight is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(restore_weight)
+        if self.active == name:
+            self.active = None
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """Shape of DoRA's magnitude m: one entry per output row of the (d x k) view."""
+        return (self.out_dim,)
 
     def a_2d(self, name: str) -> Tensor:
         return self.lora_A[name].reshape(self.specs[name].r, -1)

@@ -16,7 +16,6 @@ outside DIR (a symlink pointing elsewhere) is refused, so a request can never re
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -27,13 +26,12 @@ from torch import nn
 
 from ..adapters import delete_adapter
 from ..errors import LorakitError
-from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE, load_adapter
-from ..io import read_json
+from ..formats import load_adapter
+from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
 from ..layers import rows
-from ..registry import adapter_configs, lora_layers
+from ..registry import adapter_configs, check_adapter_name, lora_layers
 
 log = logging.getLogger("lorakit.serve")
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")  # the names lorakit accepts for adapters
 
 
 class UnknownAdapter(LorakitError):
@@ -67,11 +65,7 @@ class AdapterCache:
     # ----- names and folders ------------------------------------------------------------------
     def folder(self, name: object) -> Path:
         """DIR/name, checked: a plain identifier, inside DIR, holding an adapter."""
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise LorakitError(
-                f"adapter name {name!r} is invalid: use a plain identifier (letters, digits, '_' or '-', not starting "
-                "with a digit)"
-            )
+        check_adapter_name(name)
         path = self.directory / name
         if not path.resolve().is_relative_to(self.directory):
             raise LorakitError(f"adapter '{name}' resolves outside the adapters directory; refused")
@@ -133,14 +127,8 @@ class AdapterCache:
             self.loaded.move_to_end(name)
             return
         path = self.folder(name)
-        bias = read_json(path / CONFIG_FILE).get("bias", "none")
-        if bias not in (None, "none"):
-            raise LorakitError(
-                f"adapter '{name}' trains biases (bias={bias!r}), which would change the base model for every "
-                "request; re-save it with bias='none'"
-            )
         start = time.perf_counter()
-        load_adapter(self.model, path, name=name, activate=False, freeze=False)
+        load_adapter(self.model, path, name=name, activate=False, freeze=False, allow_base_changes=False)
         with torch.no_grad():  # copy the new factors into each layer's slot stack now, not on first use
             for _, layer in lora_layers(self.model):
                 if name in layer.specs:

@@ -1,0 +1,133 @@
+"""Which modules a LoraConfig picks: names, dotted suffixes, regexes, "all-linear", per-architecture defaults.
+
+a list entry t picks a module named t or ending in ".t";  a string is a regex matching the whole name;
+"all-linear" picks every Linear / GPT-2 Conv1D except the output head;  None picks the model type's default.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LorakitError
+from .layers import LoraLayer, SavedModule, is_adaptable, is_gpt2_conv1d
+from .registry import walk
+
+# Per-architecture defaults when target_modules is None (the LoRA paper adapts W_q and W_v).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+}
+
+
+def matches(spec: list[str] | str, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, layers_pattern: str | None) -> int | None:
+    pattern = rf"(?:^|\.)(?:{layers_pattern})\.(\d+)\." if layers_pattern else r"(?:^|\.)(\d+)\."
+    found = re.search(pattern, name)
+    return int(found.group(1)) if found else None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    heads = {"lm_head"}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        heads |= {path for path, module in walk(model) if module is head}
+    return heads
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _describe_candidates(model: nn.Module) -> str:
+    leaves = sorted({path.rsplit(".", 1)[-1] for path, m in walk(model) if is_adaptable(base_of(m))})
+    return (
+        ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
+        if leaves
+        else "(none: no Linear/Conv1D/Embedding/Conv layers)"
+    )
+
+
+def _default_spec(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise LorakitError(
+            f"LoraConfig.target_modules is not set and model type {model_type!r} has no default; "
+            f"pick some of: {_describe_candidates(model)}"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def _picked(spec: list[str] | str, path: str, base: nn.Module, heads: set[str]) -> bool:
+    if spec == "all-linear":
+        return path not in heads and (isinstance(base, nn.Linear) or is_gpt2_conv1d(base))
+    return matches(spec, path)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs `config` adapts, in model order."""
+    spec = config.target_modules if config.target_modules is not None else _default_spec(model)
+    saved = config.modules_to_save or []
+    heads = output_head_names(model) if spec == "all-linear" else set()
+    found, named, excluded = [], 0, 0
+    for path, module in walk(model):
+        base = base_of(module)
+        if isinstance(module, SavedModule) or (saved and matches(saved, path)) or not _picked(spec, path, base, heads):
+            continue
+        if not is_adaptable(base):
+            if isinstance(spec, str):
+                continue  # a regex may also match containers; only adaptable layers count
+            raise LorakitError(
+                f"target '{path}' is a {type(base).__name__}, which LoRA cannot adapt; "
+                "target Linear, GPT-2 Conv1D, Embedding or Conv1d/2d/3d layers"
+            )
+        named += 1
+        if config.exclude_modules is not None and matches(config.exclude_modules, path):
+            excluded += 1
+            continue
+        layers = config.layers_to_transform
+        if layers is not None and layer_index(path, config.layers_pattern) not in layers:
+            continue
+        found.append((path, module))
+    if not found:
+        raise LorakitError(_nothing_left(spec, named, excluded, config, model))
+    return found
+
+
+def _nothing_left(spec, named: int, excluded: int, config: LoraConfig, model: nn.Module) -> str:
+    if not named:
+        return f"target_modules={spec!r} matched no module; adaptable modules: {_describe_candidates(model)}"
+    if excluded == named:
+        return (
+            f"exclude_modules={config.exclude_modules!r} removes all {named} modules that target_modules={spec!r} "
+            "matched; exclude fewer"
+        )
+    return (
+        f"layers_to_transform={config.layers_to_transform!r} keeps none of the {named} modules that "
+        f"target_modules={spec!r} matched (block indices found: "
+        f"{sorted({i for i in (layer_index(p, config.layers_pattern) for p, _ in walk(model)) if i is not None})})"
+    )
