@@ -20,9 +20,8 @@ from ..adapters import canonical, owned_biases
 from ..config import alpha_for_scale
 from ..errors import LorakitError
 from ..io import write_json, write_safetensors
-from ..layers import Embedding, LoraLayer, is_adaptable, is_gpt2_conv1d
+from ..layers import Embedding, LoraLayer, is_gpt2_conv1d
 from ..registry import adapter_configs, lora_layers, require_adapter, saved_modules, walk
-from ..targets import base_of
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
