@@ -111,7 +111,7 @@ def run(out, quick: bool, command: str) -> dict:
     from .report import Report
 
     plan = QUICK if quick else FULL
-    report = Report("image-styles", TITLE, command, quick)
+    report = Report("image-styles", TITLE, command, quick, packages=("diffusers", "scikit-learn", "peft"))
     images, labels = digits.load_digits()
     subsets = {s.name: digits.select(s, images, labels) for s in STYLES}
     seeds = list(range(plan.samples))

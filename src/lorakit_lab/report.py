@@ -7,6 +7,7 @@ interrupted run never leaves a half-written report behind.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -74,15 +75,16 @@ def machine() -> dict[str, Any]:
     }
 
 
-def versions() -> dict[str, str]:
+def versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Python and the packages behind the numbers; `extra` names further distributions (e.g. diffusers)."""
     out = {"python": sys.version.split()[0]}
-    for package in ("torch", "transformers", "lorakit", "numpy"):
+    for package in ("torch", "transformers", "lorakit", "numpy", *extra):
         try:
-            out[package] = __import__(package).__version__
-        except Exception:  # a missing optional package is reported, not fatal
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # a missing optional package is reported, not fatal
             out[package] = "not installed"
     try:
-        root = Path(__file__).resolve().parents[3]
+        root = Path(__file__).resolve().parents[2]  # src/lorakit_lab/report.py -> the repository
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         )
@@ -96,8 +98,9 @@ def versions() -> dict[str, str]:
 class Report:
     """Markdown blocks + figures + a results dict, written together at the end."""
 
-    def __init__(self, name: str, title: str, command: str, quick: bool):
+    def __init__(self, name: str, title: str, command: str, quick: bool, packages: Sequence[str] = ()):
         self.name, self.title, self.command, self.quick = name, title, command, quick
+        self.packages = tuple(packages)  # distributions to name in the header besides torch and transformers
         self.blocks: list[str] = []
         self.figures: list[tuple[str, Any]] = []
         self.started = time.time()
@@ -143,7 +146,7 @@ class Report:
         results["quick"] = self.quick
         results["command"] = self.command
         results["wall_seconds"] = round(time.time() - self.started, 1)
-        results["environment"] = {"machine": machine(), "versions": versions()}
+        results["environment"] = {"machine": machine(), "versions": versions(self.packages)}
         with atomic_directory(out) as staging:
             for filename, fig in self.figures:
                 fig.savefig(staging / filename, dpi=110, bbox_inches="tight")
