@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "delta-rank": "delta_rank",
     "finetune-vs-full": "finetune_vs_full",
     "image-styles": "image_styles",
+    "default-rates": "default_rates",
 }
 
 

@@ -72,6 +72,9 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch per process (default 8)")
     opt.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (default 1)")
     opt.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default 2e-4)")
+    opt.add_argument(
+        "--head-lr", type=float, metavar="X", help="peak learning rate of saved / new heads (default: as --lr)"
+    )
     opt.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default 0)")
     opt.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps (default 0)")
     opt.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="decay after warmup (default cosine)")

@@ -5,6 +5,11 @@ the next G = batch_size x grad_accum x world_size positions of that stream; the 
 batch is cut into grad_accum micro-batches, and each micro-batch into one slice per process.
 Because the loss is normalised by the number of target tokens in the whole global batch, how a
 step is cut across processes and micro-batches does not change its gradient.
+
+The same fact lets a micro-batch run as several length groups (`length_groups`): its examples,
+sorted by length, are cut where that saves more padded positions than an extra forward and
+backward costs. Which examples a step sees, and so what the model learns from a given data
+order, does not change at all; only the padding (and the order of a floating-point sum) does.
 """
 
 from __future__ import annotations
@@ -47,3 +52,28 @@ class StepPlan:
         per_micro = self.batch_size * self.world_size
         micro = [indices[m * per_micro : (m + 1) * per_micro] for m in range(self.grad_accum)]
         return [chunk[rank * self.batch_size : (rank + 1) * self.batch_size] for chunk in micro]
+
+
+# Cost of one extra forward + backward, in padded token positions: a group pays its rows x its
+# longest length plus this. Measured on SmolLM2-135M (CPU, 2 threads): a pass over 8 rows costs about
+# as much as 40 more token positions; for much smaller models the fixed cost weighs more, but
+# cutting there saves little time either way.
+GROUP_OVERHEAD = 40
+
+
+def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD) -> list[list[int]]:
+    """Positions of `lengths`, longest first, cut into consecutive groups that minimise the padded
+    positions (rows x longest, summed over groups) plus `overhead` per group (exact, O(n^2))."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = [0] + [None] * len(order)  # best[j]: cheapest cut of order[:j]
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]

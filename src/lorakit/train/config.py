@@ -72,6 +72,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    head_lr: float | None = None  # saved / new heads (modules_to_save); None: the same as lr
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"
@@ -137,6 +138,8 @@ class TrainConfig:
         if self.eval_batch_size is not None:
             self._check_int("eval_batch_size", 1, "give an integer >= 1")
         self._check_number("lr", lambda v: 0 < v < 1, "give a learning rate > 0 and < 1, e.g. --lr 2e-4")
+        if self.head_lr is not None:
+            self._check_number("head_lr", lambda v: 0 < v < 1, "give a learning rate > 0 and < 1, e.g. --head-lr 3e-3")
         self._check_number("weight_decay", lambda v: v >= 0, "give a number >= 0")
         self._check_number("max_grad_norm", lambda v: v >= 0, "give a number >= 0 (0 turns clipping off)")
         for name, allowed in (

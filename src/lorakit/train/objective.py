@@ -4,14 +4,15 @@ Losses are *sums* over targets, with the number of targets returned beside them,
 can divide by the target count of a whole step (all micro-batches, all processes): gradient
 accumulation then gives exactly the gradient of one big batch, token-weighted.
 
-Causal LM: position t predicts token t+1; only positions with a target reach the output head
-(`logits_to_keep`), which skips most of the vocabulary projection when the loss is on a short
-completion.
+Causal LM: position t predicts token t+1; only positions with a target reach the output head.
+For the usual plain-linear heads the head is skipped inside the model (its input is kept) and
+run fused with the loss on the target rows only (head_loss.py): no batch x length x vocab logits
+are ever formed, and a short completion costs a few rows of the head instead of every position.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 
 import torch
@@ -19,15 +20,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE, Example, collate
+from .head_loss import linear_cross_entropy
+
+# Causal-LM heads known to be a plain linear map to the logits (no soft-capping or logit scaling
+# after it), for which the head can be run on the target positions only, fused with the loss.
+PLAIN_HEAD_MODELS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi", "phi3", "olmo", "olmo2", "gemma", "starcoder2"}
+)
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head if the loss may be computed from its input directly (fused), else None."""
     inner = getattr(model, "module", model)  # DDP
-    cached = inner.__dict__.get("_lorakit_logits_to_keep")
-    if cached is None:
-        cached = "logits_to_keep" in inspect.signature(inner.forward).parameters
-        inner.__dict__["_lorakit_logits_to_keep"] = cached
-    return cached
+    get_head = getattr(inner, "get_output_embeddings", None)
+    if get_head is None or getattr(getattr(inner, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    head = get_head()
+    return head if type(head) is nn.Linear else None  # a LoRA-wrapped or saved head runs as the model says
+
+
+@contextlib.contextmanager
+def _capture_head_input(head: nn.Linear):
+    """Within the block the head returns an empty tensor and keeps its input (the last hidden states)."""
+    seen: list[torch.Tensor] = []
+
+    def capture(hidden: torch.Tensor) -> torch.Tensor:
+        seen.append(hidden)
+        return hidden[..., :0]
+
+    head.forward = capture
+    try:
+        yield seen
+    finally:
+        del head.forward
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -39,17 +64,17 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tup
         correct = (logits.argmax(-1) == targets).sum()
         return F.cross_entropy(logits, targets, reduction="sum"), correct, targets.numel()
     targets = batch["labels"][:, 1:]
-    positions = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    if _accepts_logits_to_keep(model) and positions.numel() < targets.shape[1]:
-        logits = model(**inputs, logits_to_keep=positions).logits
-        targets = targets[:, positions]
-    else:
-        logits = model(**inputs).logits[:, :-1]
-    logits = logits.float()
-    flat_targets = targets.reshape(-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_targets, ignore_index=IGNORE, reduction="sum")
-    mask = flat_targets != IGNORE
-    correct = (logits.reshape(-1, logits.shape[-1]).argmax(-1)[mask] == flat_targets[mask]).sum()
+    mask = targets != IGNORE
+    head = _plain_head(model)
+    if head is None:
+        logits = model(**inputs).logits[:, :-1][mask].float()
+        flat = targets[mask]
+        loss = F.cross_entropy(logits, flat, reduction="sum")
+        return loss, (logits.argmax(-1) == flat).sum(), int(flat.numel())
+    with _capture_head_input(head) as seen:
+        model(**inputs)
+    hidden = seen[-1][:, :-1][mask]  # position t predicts token t+1: only positions with a target
+    loss, correct = linear_cross_entropy(hidden, head.weight, head.bias, targets[mask])
     return loss, correct, int(mask.sum())
 
 

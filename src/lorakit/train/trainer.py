@@ -30,9 +30,10 @@ from ..errors import LorakitError
 from ..formats import save_adapter
 from ..inject import inject
 from ..io import read_json, write_json
+from ..layers.saved_module import SavedModule
 from ..models import load_model, load_tokenizer
 from . import checkpoint, distributed
-from .batches import StepPlan
+from .batches import StepPlan, length_groups
 from .config import RESUME_FIXED, TrainConfig
 from .data import collate, prepare
 from .metrics import MetricsLog
@@ -181,6 +182,19 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
     return model
 
 
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The adapter's tensors at --lr; fully trained copies of saved / new heads at --head-lr (if given)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.head_lr is None:
+        return [{"params": trainable}]
+    heads = {id(p) for m in model.modules() if isinstance(m, SavedModule) for p in m.copies.parameters()}
+    groups = [
+        {"params": [p for p in trainable if id(p) not in heads]},
+        {"params": [p for p in trainable if id(p) in heads], "lr": cfg.head_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run `cfg` to the end (or to Ctrl-C); rank 0 writes the adapter, run.json, metrics and plot."""
     started = time.perf_counter()
@@ -213,7 +227,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     torch.manual_seed(cfg.seed + 1 + dist.rank)  # dropout differs per process, repeatably
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = StepPlan(len(data.train), cfg.batch_size, cfg.grad_accum, dist.world_size, cfg.seed)
     max_steps = cfg.max_steps or plan.steps_for_epochs(cfg.epochs or 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -291,10 +305,14 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
             examples = [data.train[i] for i in plan.step_indices(step)]
             n_targets = sum(e.n_targets for e in examples)
             loss_here, tokens_here = 0.0, 0
-            micro = plan.micro_batches(step, dist.rank)
-            for m, indices in enumerate(micro):
-                batch = {k: v.to(dist.device) for k, v in collate([data.train[i] for i in indices], pad_id).items()}
-                sync = contextlib.nullcontext() if (not dist.enabled or m == len(micro) - 1) else ddp_model.no_sync()
+            passes = [
+                [[data.train[i] for i in indices][j] for j in group]
+                for indices in plan.micro_batches(step, dist.rank)
+                for group in length_groups([len(data.train[i].input_ids) for i in indices])
+            ]
+            for p, group in enumerate(passes):
+                batch = {k: v.to(dist.device) for k, v in collate(group, pad_id).items()}
+                sync = contextlib.nullcontext() if (not dist.enabled or p == len(passes) - 1) else ddp_model.no_sync()
                 with sync:
                     with autocast():
                         loss, _, _ = loss_sum(ddp_model, batch, cfg.task)

@@ -1,0 +1,304 @@
+"""Which learning rates should `lorakit train` use when the user gives none? A sweep on real tasks.
+
+Six real tasks, three of each kind, each trained by the real engine (`lorakit.train.train`, the
+code behind `lorakit train`) with every setting at its default except the learning rates:
+
+  seq-cls on all-MiniLM-L6-v2 (a new classifier head, trained in full beside the adapter), 3 epochs
+  of 300 examples (113 steps at batch 8), scored by held-out accuracy:
+    sentiment-cls    movie-review sentences, positive / negative
+    chatbot-topic    chatterbot-corpus exchanges, 5 topics (tech support, trivia, emotion, coding, AI)
+    play-genre       Shakespeare speeches: comedy, history or tragedy (never the same play in both splits)
+  causal-lm on SmolLM2-135M-Instruct, one epoch of 192 examples (24 steps at batch 8), scored by
+  held-out loss on the supervised tokens:
+    sentiment-chat   the demo's task: a review as chat, the loss on the one-word answer only
+    chatbot-qa       chatterbot exchanges as prompt / completion, loss on the completion
+    shakespeare      Shakespeare speeches as plain text, every token supervised
+
+Grid: adapter rate lr in LRS; for seq-cls also the head's rate (head_lr) as the same as lr or one
+of HEAD_LRS. A setting is "within reach" of a task's best when its accuracy is at most 2 points
+below the best (seq-cls) or its loss at most 2% above the best (causal-lm); the report lists the
+settings within reach of every task. One seed per setting (the budget of a 2-core machine): a
+2-point accuracy gap is about one standard error on 300 held-out examples, so read the margins
+with that in mind.
+
+Each finished run is appended to a cache (lorakit's cache folder, default-rates/runs.jsonl), so an
+interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.models import SMOLLM2, cache_dir
+
+from . import real_data
+from .params import minilm_path
+from .report import Report, fmt
+
+TITLE = "Default learning rates from a sweep on real tasks"
+LRS = (3e-4, 1e-3, 3e-3)
+HEAD_LRS = (3e-3, 1e-2)
+SYSTEM = "Classify the sentiment of the movie review as positive or negative."
+TOPICS = ("tech_support", "trivia", "emotion", "coding", "ai")
+GENRES = ("comedies", "histories", "tragedies")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # causal-lm | seq-cls
+    model: str
+    rows: tuple[list[dict], list[dict]]  # (train, held out)
+    epochs: float
+    max_length: int
+    description: str
+
+
+def _take(rows: list[dict], n: int, seed: int) -> list[dict]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def _balanced(rows: list[dict], key: str, per_class: int, seed: int) -> list[dict]:
+    by_class: dict[str, list[dict]] = {}
+    for row in rows:
+        by_class.setdefault(row[key], []).append(row)
+    return _take([r for group in by_class.values() for r in _take(group, per_class, seed)], 10**9, seed)
+
+
+def tasks(quick: bool) -> list[Task]:
+    n_cls, n_eval_cls, n_lm, n_eval_lm = (48, 40, 16, 16) if quick else (300, 240, 192, 80)
+    minilm = str(minilm_path())
+    reviews = real_data.movie_reviews()
+    train, held = real_data.split(reviews, eval_fraction=0.1, seed=0)
+    sentiment_cls = tuple(
+        [{"text": r["text"], "label": r["label"]} for r in _take(part, n, 1)]
+        for part, n in ((train, n_cls), (held, n_eval_cls))
+    )
+
+    pairs = real_data.chatterbot_pairs(list(TOPICS))
+    topics = _balanced(
+        [{"text": f"{p['prompt']} {p['completion']}", "label": p["category"]} for p in pairs], "label", 100, 2
+    )
+    cut = round(len(topics) * 0.6)
+    chatbot_topic = (topics[:cut][:n_cls], topics[cut:][:n_eval_cls])
+
+    speeches = real_data.shakespeare_speeches(min_chars=120, max_chars=400)
+    genre_of = {play: g for g in GENRES for play in real_data.shakespeare_plays([g])}
+    plays = sorted({s["play"] for s in speeches if s["play"] in genre_of})
+    held_plays = {p for i, p in enumerate(sorted(plays, key=lambda p: (genre_of[p], p))) if i % 4 == 0}
+    genre_rows = [
+        {"text": s["text"], "label": genre_of[s["play"]], "play": s["play"]} for s in speeches if s["play"] in genre_of
+    ]
+    play_genre = tuple(
+        [{"text": r["text"], "label": r["label"]} for r in _balanced(part, "label", n, 3)]
+        for part, n in (
+            ([r for r in genre_rows if r["play"] not in held_plays], n_cls // 3),
+            ([r for r in genre_rows if r["play"] in held_plays], n_eval_cls // 3),
+        )
+    )
+
+    def chat(row):
+        return {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": row["text"]},
+                {"role": "assistant", "content": row["label"]},
+            ]
+        }
+
+    sentiment_chat = (
+        [chat(r) for r in _take(train, n_lm, 4)],
+        [chat(r) for r in _take(held, n_eval_lm, 4)],
+    )
+    qa = _take(real_data.chatterbot_pairs(), 10**9, 5)
+    qa_rows = [{"prompt": f"Q: {p['prompt']}\nA:", "completion": " " + p["completion"]} for p in qa]
+    chatbot_qa = (qa_rows[:n_lm], qa_rows[-n_eval_lm:])
+    text_plays = [s for s in speeches if s["play"] not in held_plays]
+    held_text = [s for s in speeches if s["play"] in held_plays]
+    shakespeare = (
+        [{"text": s["text"]} for s in _take(text_plays, n_lm, 6)],
+        [{"text": s["text"]} for s in _take(held_text, n_eval_lm, 6)],
+    )
+    cls_epochs, lm_epochs = 3.0, 1.0
+    return [
+        Task("sentiment-cls", "seq-cls", minilm, sentiment_cls, cls_epochs, 64, "movie-review sentiment, 2 classes"),
+        Task("chatbot-topic", "seq-cls", minilm, chatbot_topic, cls_epochs, 64, "chatterbot exchanges, 5 topics"),
+        Task("play-genre", "seq-cls", minilm, play_genre, cls_epochs, 96, "Shakespeare speech -> genre, 3 classes"),
+        Task("sentiment-chat", "causal-lm", SMOLLM2, sentiment_chat, lm_epochs, 128, "review as chat, answer loss"),
+        Task("chatbot-qa", "causal-lm", SMOLLM2, chatbot_qa, lm_epochs, 96, "chatterbot Q/A, completion loss"),
+        Task("shakespeare", "causal-lm", SMOLLM2, shakespeare, lm_epochs, 128, "Shakespeare speeches, every token"),
+    ]
+
+
+def settings(task: Task) -> list[dict[str, float | None]]:
+    """The grid for a task: lr x (head_lr: None = same as lr, or each of HEAD_LRS) for seq-cls."""
+    grid = [{"lr": lr, "head_lr": None} for lr in LRS]
+    if task.kind == "seq-cls":
+        grid += [{"lr": lr, "head_lr": h} for lr in LRS for h in HEAD_LRS if not math.isclose(h, lr)]
+    return grid
+
+
+def _priority(setting: dict) -> tuple[int, int]:
+    order = (1e-3, 3e-4, 3e-3)
+    head = -1 if setting["head_lr"] is None else HEAD_LRS.index(setting["head_lr"])
+    return (order.index(setting["lr"]) if setting["lr"] in order else len(order), head)
+
+
+def _key(task: Task, setting: dict) -> str:
+    return json.dumps({"task": task.name, **setting, "n": len(task.rows[0])}, sort_keys=True)
+
+
+def train_once(task: Task, setting: dict, workdir: Path) -> dict[str, Any]:
+    """One `lorakit train` run with everything at its default but the rates; held-out metrics after."""
+    from lorakit.train import TrainConfig, train
+
+    data = real_data.write_jsonl(task.rows[0], workdir / "train.jsonl")
+    held = real_data.write_jsonl(task.rows[1], workdir / "held.jsonl")
+    started = time.perf_counter()
+    result = train(
+        TrainConfig(
+            model=task.model,
+            data=str(data),
+            eval_data=str(held),
+            out=str(workdir / "run"),
+            task=task.kind,
+            epochs=task.epochs,
+            max_length=task.max_length,
+            lr=setting["lr"],
+            head_lr=setting["head_lr"],
+            overwrite=True,
+            progress=False,
+            plot=False,
+        )
+    )
+    after = result.eval_after
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        **setting,
+        "steps": result.steps,
+        "accuracy": after.get("accuracy"),
+        "loss": after["loss"],
+        "loss_before": result.eval_before["loss"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _score(run: dict) -> float:
+    """Higher is better: accuracy (seq-cls), minus the loss (causal-lm)."""
+    return run["accuracy"] if run["kind"] == "seq-cls" else -run["loss"]
+
+
+def within_reach(run: dict, best: dict) -> bool:
+    if run["kind"] == "seq-cls":
+        return run["accuracy"] >= best["accuracy"] - 0.02
+    return run["loss"] <= best["loss"] * 1.02
+
+
+def _label(setting: dict) -> str:
+    head = "same" if setting["head_lr"] is None else fmt(setting["head_lr"])
+    return f"lr {fmt(setting['lr'])}" + (f", head {head}" if setting.get("kind", "seq-cls") == "seq-cls" else "")
+
+
+def run(out, quick: bool, command: str) -> dict:
+    from tqdm.auto import tqdm
+
+    logging.getLogger("lorakit").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    report = Report("default-rates", TITLE, command, quick)
+    cache = cache_dir() / "default-rates" / ("runs-quick.jsonl" if quick else "runs.jsonl")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            record = json.loads(line)
+            done[record.pop("key")] = record
+    all_tasks = tasks(quick)
+    # the likeliest defaults first, so a sweep cut short has them for every task
+    plan = sorted(((t, s) for t in all_tasks for s in settings(t)), key=lambda ts: _priority(ts[1]))
+    runs = []
+    with tqdm(total=len(plan), desc="default-rates", unit="run") as bar:
+        for task, setting in plan:
+            key = _key(task, setting)
+            if key not in done:
+                bar.set_postfix_str(f"{task.name} lr {setting['lr']:g} head {setting['head_lr']}")
+                with tempfile.TemporaryDirectory() as tmp:
+                    done[key] = train_once(task, setting, Path(tmp))
+                with cache.open("a") as f:
+                    f.write(json.dumps({"key": key, **done[key]}) + "\n")
+            runs.append(done[key])
+            bar.update(1)
+    summarise(report, all_tasks, runs)
+    results = {"tasks": [{"name": t.name, "kind": t.kind, "description": t.description} for t in all_tasks]}
+    results["runs"] = runs
+    report.write(out, results)
+    return results
+
+
+def summarise(report: Report, all_tasks: list[Task], runs: list[dict]) -> None:
+    best = {t.name: max((r for r in runs if r["task"] == t.name), key=_score) for t in all_tasks}
+    report.add(__doc__.split("\n\n", 1)[1])
+    for kind in ("seq-cls", "causal-lm"):
+        names = [t.name for t in all_tasks if t.kind == kind]
+        grid = sorted({(r["lr"], r["head_lr"] or 0.0) for r in runs if r["kind"] == kind})
+        rows = []
+        for lr, head in grid:
+            cells, reach = [], 0
+            for name in names:
+                run_ = next(
+                    (r for r in runs if r["task"] == name and r["lr"] == lr and (r["head_lr"] or 0.0) == head), None
+                )
+                if run_ is None:
+                    cells.append("-")
+                    continue
+                ok = within_reach(run_, best[name])
+                reach += ok
+                value = run_["accuracy"] * 100 if kind == "seq-cls" else run_["loss"]
+                cells.append(f"{'**' if ok else ''}{fmt(value, 4)}{'**' if ok else ''}")
+            setting = f"{fmt(lr)}" + ((" / " + ("same" if head == 0 else fmt(head))) if kind == "seq-cls" else "")
+            rows.append([setting, *cells, f"{reach} of {len(names)}"])
+        metric = "held-out accuracy, %" if kind == "seq-cls" else "held-out loss"
+        first = "lr / head lr" if kind == "seq-cls" else "lr"
+        margin = "2 points" if kind == "seq-cls" else "2%"
+        report.table(
+            [first, *names, "within reach"],
+            rows,
+            caption=f"**{kind}** ({metric}; bold: within {margin} of the task's best)",
+        )
+    report.figure(_plot(all_tasks, runs), "default_rates.png", "Held-out quality against the adapter learning rate")
+
+
+def _plot(all_tasks: list[Task], runs: list[dict]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("seq-cls", "causal-lm")):
+        for task in (t for t in all_tasks if t.kind == kind):
+            heads = sorted({r["head_lr"] or 0.0 for r in runs if r["task"] == task.name})
+            for head in heads:
+                points = sorted(
+                    (r["lr"], r["accuracy"] * 100 if kind == "seq-cls" else r["loss"])
+                    for r in runs
+                    if r["task"] == task.name and (r["head_lr"] or 0.0) == head
+                )
+                label = task.name + ("" if kind != "seq-cls" else f" (head {'= lr' if head == 0 else fmt(head)})")
+                ax.plot(*zip(*points), marker="o", label=label, linestyle="-" if head == 0 else ":")
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter learning rate (--lr)")
+        ax.set_ylabel("held-out accuracy (%)" if kind == "seq-cls" else "held-out loss")
+        ax.set_title(kind)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
