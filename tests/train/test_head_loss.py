@@ -117,3 +117,41 @@ def test_loss_sum_matches_full_logits(build, chunk_rows, monkeypatch):
     assert correct.item() == (flat_logits[keep].argmax(-1) == flat_targets[keep]).sum().item()
     for name, p in model.named_parameters():
         assert torch.allclose(fused[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("build", [lambda: _llama(tied=True), _gpt2])
+def test_shared_prefix_is_the_same_function(build, monkeypatch):
+    """Rows sharing their first 9 tokens: the prefix computed once gives the full pass's loss and gradients."""
+    from lorakit.train import prefix
+
+    model = build().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(0, 96, (9,), generator=g).tolist()
+    examples = []
+    for extra, prompt in ((6, 11), (1, 3), (12, 9), (4, 8)):  # targets start inside and right after the prefix
+        ids = head + torch.randint(0, 96, (extra,), generator=g).tolist()
+        examples.append(Example(ids, labels=[IGNORE] * prompt + ids[prompt:]))
+    batch = collate(examples, pad_id=0)
+    assert prefix.shared_length(model, batch["input_ids"], batch["attention_mask"]) == 0  # too short to pay here
+
+    def run(min_saved):
+        monkeypatch.setattr(prefix, "MIN_TOKENS_SAVED", min_saved)
+        model.zero_grad(set_to_none=True)
+        total, correct, count = loss_sum(model, batch, "causal-lm")
+        total.backward()
+        return total.detach(), correct, count, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    shared = run(0)
+    assert calls == [(1, 9), (4, 12)]  # the prefix once, then the suffixes
+    plain = run(10**9)
+    assert calls[2:] == [(4, 21)]
+    assert torch.allclose(shared[0], plain[0], rtol=1e-6) and shared[1:3] == plain[1:3]
+    for name in plain[3]:
+        assert torch.allclose(shared[3][name], plain[3][name], rtol=1e-4, atol=1e-6), name

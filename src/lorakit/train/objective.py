@@ -8,6 +8,7 @@ Causal LM: position t predicts token t+1; only positions with a target reach the
 For the usual plain-linear heads the head is skipped inside the model (its input is kept) and
 run fused with the loss on the target rows only (head_loss.py): no batch x length x vocab logits
 are ever formed, and a short completion costs a few rows of the head instead of every position.
+Rows that start with the same tokens (a chat header, a system prompt) compute them once (prefix.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import prefix
 from .data import IGNORE, Example, collate
 from .head_loss import linear_cross_entropy
 
@@ -55,6 +57,20 @@ def _capture_head_input(head: nn.Linear):
         del head.forward
 
 
+def _last_hidden(model: nn.Module, inputs: dict[str, torch.Tensor], head: nn.Linear) -> torch.Tensor:
+    """The hidden states the head would see (batch x length x hidden), a shared prefix computed once."""
+    shared = prefix.shared_length(model, inputs["input_ids"], inputs["attention_mask"])
+    with _capture_head_input(head) as seen:
+        if shared:
+            prefix.forward(model, inputs["input_ids"], inputs["attention_mask"], shared)
+        else:
+            model(**inputs)
+    if len(seen) == 1:
+        return seen[0]
+    start, rest = seen
+    return torch.cat([start.expand(rest.shape[0], -1, -1), rest], dim=1)
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(sum of per-target losses, number of correct predictions, number of targets) for one batch."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -71,9 +87,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tup
         flat = targets[mask]
         loss = F.cross_entropy(logits, flat, reduction="sum")
         return loss, (logits.argmax(-1) == flat).sum(), int(flat.numel())
-    with _capture_head_input(head) as seen:
-        model(**inputs)
-    hidden = seen[-1][:, :-1][mask]  # position t predicts token t+1: only positions with a target
+    hidden = _last_hidden(model, inputs, head)[:, :-1][mask]  # position t predicts token t+1: targets only
     loss, correct = linear_cross_entropy(hidden, head.weight, head.bias, targets[mask])
     return loss, correct, int(mask.sum())
 

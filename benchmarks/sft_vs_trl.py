@@ -1,0 +1,318 @@
+"""LoRA fine-tuning on a CPU: `lorakit train` vs TRL's SFTTrainer + a PEFT LoraConfig, side by side.
+
+Task (default, `make demo`'s): SmolLM2-135M-Instruct (the `smollm2-135m-instruct` alias), real
+movie-review sentiment as chat (system instruction, review, one-word answer), loss on the answer
+only; TRL gets the same rows as conversational prompt / completion data with completion-only loss.
+LoRA r=8 alpha=16 dropout 0 on q_proj,v_proj; AdamW lr 1e-3, 3 warm-up steps, cosine, batch 8,
+max length 128, 32 steps, fp32, no evaluation while training; both save the adapter at the end.
+`--task text`: Shakespeare speeches as plain text, every token supervised (the head cannot be
+skipped there). `--targets all-linear`, `--gradient-checkpointing`: the same with those settings
+on both sides (TRL's own default turns gradient checkpointing on; here it follows the flag).
+
+Cases run alternately, each in a fresh subprocess (`lorakit train` is the real CLI), for
+`--rounds` rounds. Per case: steady step (median step time after the first 3 steps), end to end
+(the training process's wall time: start, imports, load, data, all steps, save), peak RSS of that
+process (kernel high-water mark via wait4), and the held-out loss on the supervised tokens,
+computed afterwards for both adapters by one evaluator outside both libraries' training code
+(transformers + PEFT's loader on the saved PEFT-format adapter, plain cross-entropy).
+
+    python benchmarks/sft_vs_trl.py                        # the demo task, 2 rounds
+    python benchmarks/sft_vs_trl.py --targets all-linear
+    python benchmarks/sft_vs_trl.py --gradient-checkpointing
+    python benchmarks/sft_vs_trl.py --task text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = "Classify the sentiment of the movie review as positive or negative."
+CASES = ("trl", "lorakit")
+
+
+# ----- data (the same rows for both) ---------------------------------------------------------
+def write_data(task: str, work: Path, n_train: int, n_held: int) -> dict[str, Path]:
+    from lorakit_lab import real_data
+
+    if task == "demo":
+        reviews = real_data.movie_reviews()
+        train, held = real_data.split(reviews, eval_fraction=0.1, seed=0)  # as examples/demo.py
+
+        def chat(r):
+            return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["text"]}]
+
+        answer = lambda r: [{"role": "assistant", "content": r["label"]}]  # noqa: E731
+        lorakit_rows = [{"messages": chat(r) + answer(r)} for r in train[:n_train]]
+        trl_rows = [{"prompt": chat(r), "completion": answer(r)} for r in train[:n_train]]
+        held_rows = [{"prompt": chat(r), "completion": answer(r)} for r in held[:n_held]]
+    else:
+        speeches = real_data.shakespeare_speeches(min_chars=120, max_chars=500)
+        train, held = real_data.split(speeches, eval_fraction=0.1, seed=0)
+        lorakit_rows = trl_rows = [{"text": s["text"]} for s in train[:n_train]]
+        held_rows = [{"text": s["text"]} for s in held[:n_held]]
+    return {
+        "lorakit": real_data.write_jsonl(lorakit_rows, work / "lorakit_train.jsonl"),
+        "trl": real_data.write_jsonl(trl_rows, work / "trl_train.jsonl"),
+        "held": real_data.write_jsonl(held_rows, work / "held_out.jsonl"),
+    }
+
+
+# ----- the TRL case (child process) -----------------------------------------------------------
+def run_trl(args, data: Path, out: Path) -> None:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lorakit.models import smollm2_path
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dataset = load_dataset("json", data_files=str(data), split="train")
+    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.tick = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.tick)
+
+    config = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        warmup_steps=3,
+        lr_scheduler_type="cosine",
+        max_length=128,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        gradient_checkpointing=args.gradient_checkpointing,
+        completion_only_loss=True if args.task == "demo" else None,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[StepTimes()],
+    )
+    trainer.train()
+    trainer.save_model(str(out / "adapter"))
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    (out / "steps.json").write_text(json.dumps({"step_seconds": times, "losses": losses}))
+
+
+def lorakit_command(args, data: Path, out: Path) -> list[str]:
+    command = [str(Path(sys.executable).parent / "lorakit"), "train", "--model", "smollm2-135m-instruct"]
+    command += ["--data", str(data), "--out", str(out), "--r", "8", "--alpha", "16", "--dropout", "0"]
+    command += ["--targets", args.targets, "--lr", "1e-3", "--warmup-steps", "3", "--schedule", "cosine"]
+    command += ["--batch-size", str(args.batch_size), "--max-length", "128", "--max-steps", str(args.steps)]
+    command += ["--seed", "0", "--no-progress", "--no-plot", "--overwrite"]
+    return command + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+
+
+def lorakit_steps(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("split") == "train"]
+    elapsed = [r["elapsed_s"] for r in train]
+    return {"step_seconds": [b - a for a, b in zip(elapsed, elapsed[1:])], "losses": [r["loss"] for r in train]}
+
+
+# ----- one evaluator for both adapters (child process) ----------------------------------------
+def held_out_loss(held: Path, adapter: Path) -> float:
+    """Token-mean cross-entropy on the supervised tokens of the held-out rows (answer / every token)."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.models import smollm2_path
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapter)
+    model.eval()
+    total, count = 0.0, 0
+    for line in held.read_text().splitlines():
+        row = json.loads(line)
+        if "prompt" in row:
+            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            ids = tokenizer(full, add_special_tokens=False).input_ids[:128]
+            start = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        else:
+            ids = (tokenizer(row["text"]).input_ids + [tokenizer.eos_token_id])[:128]
+            start = 1
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:])
+        keep = torch.arange(len(targets)) >= start - 1
+        total += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return total / count
+
+
+# ----- parent: alternate cases, measure, tabulate ---------------------------------------------
+def measure(command: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MB, stderr tail) of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed ({child.returncode}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, err[-500:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["demo", "text"], default="demo")
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--held-out", type=int, default=160)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default="runs/sft_vs_trl")
+    parser.add_argument("--json", default=None, help="default: benchmarks/results/sft_vs_trl[-variant].json")
+    parser.add_argument("--child", choices=["trl", "eval"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "trl":
+        run_trl(args, Path(args.data), Path(args.out))
+        return
+    if args.child == "eval":
+        print(json.dumps({"loss": held_out_loss(Path(args.data), Path(args.out))}))
+        return
+
+    variant = "-".join(
+        v
+        for v in (
+            "text" if args.task == "text" else "",
+            "all-linear" if args.targets == "all-linear" else "",
+            "gc" if args.gradient_checkpointing else "",
+        )
+        if v
+    )
+    json_path = Path(args.json or f"benchmarks/results/sft_vs_trl{'-' + variant if variant else ''}.json")
+    work = Path(args.work) / (variant or "demo")
+    data = write_data(args.task, work, args.steps * args.batch_size, args.held_out)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONWARNINGS"] = "ignore"
+    runs: dict[str, list[dict]] = {c: [] for c in CASES}
+    for round_index in range(args.rounds):
+        for case in CASES:
+            out = work / f"{case}-{round_index}"
+            if case == "trl":
+                command = [sys.executable, __file__, "--child", "trl", "--data", str(data["trl"]), "--out", str(out)]
+                command += ["--task", args.task, "--targets", args.targets, "--steps", str(args.steps)]
+                command += ["--batch-size", str(args.batch_size)]
+                command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+                out.mkdir(parents=True, exist_ok=True)
+            else:
+                command = lorakit_command(args, data["lorakit"], out)
+            wall, rss, _ = measure(command, env)
+            steps = json.loads((out / "steps.json").read_text()) if case == "trl" else lorakit_steps(out)
+            evaluated = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "eval",
+                    "--data",
+                    str(data["held"]),
+                    "--out",
+                    str(out / "adapter"),
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            loss = json.loads(evaluated.stdout.strip().splitlines()[-1])["loss"]
+            result = {
+                "steady_step_s": statistics.median(steps["step_seconds"][3:]),
+                "end_to_end_s": wall,
+                "held_out_loss": loss,
+                "peak_rss_mb": rss,
+                "train_losses": steps["losses"],
+                "step_seconds": steps["step_seconds"],
+            }
+            runs[case].append(result)
+            print(
+                f"round {round_index + 1}/{args.rounds} {case:8s} step {result['steady_step_s']:.2f} s  end to end "
+                f"{wall:.0f} s  held-out loss {loss:.4f}  peak RSS {rss:,.0f} MB",
+                flush=True,
+            )
+
+    summary = {}
+    for case, results in runs.items():
+        summary[case] = {
+            "steady_step_s": statistics.median(t for r in results for t in r["step_seconds"][3:]),
+            "end_to_end_s": statistics.median(r["end_to_end_s"] for r in results),
+            "held_out_loss": statistics.mean(r["held_out_loss"] for r in results),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        }
+    ratio = {k: summary["lorakit"][k] / summary["trl"][k] for k in summary["trl"]}
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+    }
+    print(f"\n{args.task} task, targets {args.targets}, gradient checkpointing {args.gradient_checkpointing}, ")
+    print(f"{args.steps} steps x batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds; {versions}")
+    print("| | steady step | end to end | held-out loss | peak RSS |")
+    print("|---|---:|---:|---:|---:|")
+    for case in CASES:
+        s = summary[case]
+        print(
+            f"| {case} | {s['steady_step_s']:.2f} s | {s['end_to_end_s']:.0f} s | {s['held_out_loss']:.4f} | "
+            f"{s['peak_rss_mb']:,.0f} MB |"
+        )
+    print(
+        f"| lorakit / TRL | {ratio['steady_step_s']:.3f} | {ratio['end_to_end_s']:.3f} | "
+        f"{ratio['held_out_loss']:.4f} | {ratio['peak_rss_mb']:.3f} |"
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"args": vars(args), "versions": versions, "summary": summary, "lorakit_over_trl": ratio, "runs": runs}
+    json_path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    main()
