@@ -4,8 +4,10 @@
     result = train(TrainConfig(model="smollm2-135m-instruct", data="train.jsonl", out="runs/x", max_steps=50))
 
 config.py (settings, YAML + flags) · data.py (files -> token ids) · batches.py (which examples
-each step sees) · objective.py (loss, evaluation) · trainer.py (the loop) · checkpoint.py
-(atomic, resumable) · distributed.py (DDP under torchrun) · metrics.py (metrics.jsonl, loss.png)
+each step sees, length groups) · objective.py (loss, evaluation) · head_loss.py (the output head
+fused with the loss) · prefix.py (shared leading tokens computed once) · build.py (model,
+optimizer, schedule, --out / --resume checks) · trainer.py (the loop: step, evaluate, checkpoint,
+finish) · checkpoint.py (atomic, resumable) · distributed.py (DDP under torchrun) · metrics.py
 """
 
 from .config import TrainConfig
