@@ -67,6 +67,14 @@ def _take(rows: list[dict], n: int, seed: int) -> list[dict]:
     return rows[:n]
 
 
+def _unique(rows: list[dict], key: str) -> list[dict]:
+    """The first row of each distinct `key` (chatterbot repeats some lines across conversations)."""
+    seen: dict[str, dict] = {}
+    for row in rows:
+        seen.setdefault(row[key], row)
+    return list(seen.values())
+
+
 def _balanced(rows: list[dict], key: str, per_class: int, seed: int) -> list[dict]:
     by_class: dict[str, list[dict]] = {}
     for row in rows:
@@ -86,7 +94,10 @@ def tasks(quick: bool) -> list[Task]:
 
     pairs = real_data.chatterbot_pairs(list(TOPICS))
     topics = _balanced(
-        [{"text": f"{p['prompt']} {p['completion']}", "label": p["category"]} for p in pairs], "label", 100, 2
+        _unique([{"text": f"{p['prompt']} {p['completion']}", "label": p["category"]} for p in pairs], "text"),
+        "label",
+        100,
+        2,
     )
     cut = round(len(topics) * 0.6)
     chatbot_topic = (topics[:cut][:n_cls], topics[cut:][:n_eval_cls])
@@ -119,7 +130,7 @@ def tasks(quick: bool) -> list[Task]:
         [chat(r) for r in _take(train, n_lm, 4)],
         [chat(r) for r in _take(held, n_eval_lm, 4)],
     )
-    qa = _take(real_data.chatterbot_pairs(), 10**9, 5)
+    qa = _take(_unique(real_data.chatterbot_pairs(), "prompt"), 10**9, 5)
     qa_rows = [{"prompt": f"Q: {p['prompt']}\nA:", "completion": " " + p["completion"]} for p in qa]
     chatbot_qa = (qa_rows[:n_lm], qa_rows[-n_eval_lm:])
     text_plays = [s for s in speeches if s["play"] not in held_plays]
