@@ -122,7 +122,7 @@ def test_loss_sum_matches_full_logits(build, chunk_rows, monkeypatch):
 @pytest.mark.parametrize("build", [lambda: _llama(tied=True), _gpt2])
 def test_shared_prefix_is_the_same_function(build, monkeypatch):
     """Rows sharing their first 9 tokens: the prefix computed once gives the full pass's loss and gradients."""
-    from lorakit.train import prefix
+    from lorakit.train import shared_prefix as prefix
 
     model = build().train()
     for module in model.modules():

@@ -5,9 +5,9 @@
 
 config.py (settings, YAML + flags) · data.py (files -> token ids) · batches.py (which examples
 each step sees, length groups) · objective.py (loss, evaluation) · head_loss.py (the output head
-fused with the loss) · prefix.py (shared leading tokens computed once) · build.py (model,
-optimizer, schedule, --out / --resume checks) · trainer.py (the loop: step, evaluate, checkpoint,
-finish) · checkpoint.py (atomic, resumable) · distributed.py (DDP under torchrun) · metrics.py
+fused with the loss) · shared_prefix.py (leading tokens all rows share, computed once) · build.py
+(model, optimizer, schedule, --out / --resume checks) · trainer.py (the loop: step, evaluate,
+checkpoint, finish) · checkpoint.py (atomic, resumable) · distributed.py (DDP) · metrics.py
 """
 
 from .config import TrainConfig

@@ -8,7 +8,7 @@ Causal LM: position t predicts token t+1; only positions with a target reach the
 For the usual plain-linear heads the head is skipped inside the model (its input is kept) and
 run fused with the loss on the target rows only (head_loss.py): no batch x length x vocab logits
 are ever formed, and a short completion costs a few rows of the head instead of every position.
-Rows that start with the same tokens (a chat header, a system prompt) compute them once (prefix.py).
+Rows that start with the same tokens (a chat header, a system prompt) compute them once (shared_prefix.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import prefix
+from . import shared_prefix
 from .data import IGNORE, Example, collate
 from .head_loss import linear_cross_entropy
 
@@ -59,10 +59,10 @@ def _capture_head_input(head: nn.Linear):
 
 def _last_hidden(model: nn.Module, inputs: dict[str, torch.Tensor], head: nn.Linear) -> torch.Tensor:
     """The hidden states the head would see (batch x length x hidden), a shared prefix computed once."""
-    shared = prefix.shared_length(model, inputs["input_ids"], inputs["attention_mask"])
+    shared = shared_prefix.shared_length(model, inputs["input_ids"], inputs["attention_mask"])
     with _capture_head_input(head) as seen:
         if shared:
-            prefix.forward(model, inputs["input_ids"], inputs["attention_mask"], shared)
+            shared_prefix.forward(model, inputs["input_ids"], inputs["attention_mask"], shared)
         else:
             model(**inputs)
     if len(seen) == 1:

@@ -14,8 +14,8 @@ through the repeat. The prefix's own positions appear once instead of B times in
 
 Used only where it is known to hold and to pay: decoder models with the standard key/value cache
 (SHARED_PREFIX_MODELS), no DDP wrapper (one forward per backward there), no gradient
-checkpointing (the model turns its cache off), and only when the rows saved outweigh an extra
-forward call.
+checkpointing (the model turns its cache off), no forward pre-hooks on the model's backbone (prefix
+tuning fills the cache through one), and only when the rows saved outweigh an extra forward call.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def shared_length(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if rows < 2 or hasattr(model, "module") or getattr(model, "is_gradient_checkpointing", False):
         return 0
     if getattr(getattr(model, "config", None), "model_type", None) not in SHARED_PREFIX_MODELS:
+        return 0
+    core = getattr(model, "base_model", model)
+    if core is not model and core._forward_pre_hooks:  # e.g. a prefix-tuning prefix fills the cache
         return 0
     same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
     length = min(int(same.int().cumprod(0).sum()), width - 1)  # at least one position left per row
