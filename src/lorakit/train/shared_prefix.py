@@ -31,7 +31,7 @@ MIN_TOKENS_SAVED = 40
 def shared_length(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """How many leading positions every row shares (0: run the batch as one pass)."""
     rows, width = input_ids.shape
-    if rows < 2 or hasattr(model, "module") or getattr(model, "is_gradient_checkpointing", False):
+    if rows < 2 or hasattr(model, "module") or _checkpointing(model):
         return 0
     if getattr(getattr(model, "config", None), "model_type", None) not in SHARED_PREFIX_MODELS:
         return 0
@@ -41,6 +41,13 @@ def shared_length(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
     length = min(int(same.int().cumprod(0).sum()), width - 1)  # at least one position left per row
     return length if (rows - 1) * length > MIN_TOKENS_SAVED else 0
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether the model recomputes layers in backward (transformers >= 5.24 renamed the flag)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> None:
