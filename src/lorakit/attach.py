@@ -96,12 +96,21 @@ def check_new_name(model: nn.Module, name: str) -> None:
 
 
 def check_tensor(key: str, value: Tensor) -> None:
-    """Floating point, at least 1-d, finite: what any adapter tensor must be."""
+    """Floating point and at least 1-d: what any adapter tensor must be (finiteness: check_finite)."""
     if value.dtype not in FLOAT_DTYPES:
         raise LorakitError(f"adapter tensor '{key}' has dtype {value.dtype}; adapter tensors must be floating point")
     if value.dim() == 0:
         raise LorakitError(f"adapter tensor '{key}' is a 0-d scalar; LoRA factors are matrices")
-    if not bool(torch.isfinite(value).all()):
+
+
+def check_finite(tensors: dict[str, Tensor]) -> None:
+    """No NaN or infinity in any of `tensors`. A float64 sum is finite exactly when every fp32/fp16/bf16
+    value is (it cannot overflow), and is much cheaper than isfinite; the culprit is searched only then."""
+    sums = [v.sum(dtype=torch.float64) for v in tensors.values()]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+        return
+    key = next((k for k, v in tensors.items() if not bool(torch.isfinite(v).all())), None)
+    if key is not None:  # (a float64 tensor of huge finite values can overflow its sum: then all is well)
         raise LorakitError(f"adapter tensor '{key}' holds NaN or infinite values; the adapter is corrupt")
 
 
@@ -165,10 +174,11 @@ def plan_file(model: nn.Module, adapter: AdapterFile, name: str) -> AdapterPlan:
     check_new_name(model, name)
     config = adapter.config
     _check_task(model, adapter.task_type)
-    changes = [_layer_change(model, adapter, path, parts) for path, parts in adapter.factors.items()]
+    targets = _targeted(model, config)
+    changes = [_layer_change(model, adapter, path, parts, targets) for path, parts in adapter.factors.items()]
     if not changes:
         raise LorakitError("the adapter holds no LoRA tensors (lora_A / lora_B); is it an adapter file?")
-    _check_coverage(model, config, changes, adapter)
+    _check_coverage(config, changes, adapter, targets)
     _check_patterns(config, [c.path for c in changes])
     saved, biases = _resolve_others(model, adapter, {c.path for c in changes})
     config.target_modules = [c.path for c in changes]  # what was adapted, exactly
@@ -188,12 +198,26 @@ def _check_task(model: nn.Module, task_type: str | None) -> None:
         )
 
 
-def _layer_change(model: nn.Module, adapter: AdapterFile, path: str, parts: dict[str, Tensor]) -> LayerChange:
-    config, key = adapter.config, adapter.keys
+def _targeted(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module] | None:
+    """The modules the adapter's config selects on this model (None: the config names none)."""
+    if config.target_modules is None and config.exclude_modules is None:
+        return None
     try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        module = None
+        return dict(find_targets(model, config))
+    except LorakitError:
+        return {}  # selects nothing here: each tensor's module is then looked up (and named) one by one
+
+
+def _layer_change(
+    model: nn.Module, adapter: AdapterFile, path: str, parts: dict[str, Tensor], targets: dict | None
+) -> LayerChange:
+    config, key = adapter.config, adapter.keys
+    module = targets.get(path) if targets else None
+    if module is None:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
     first = key[f"{path}/{next(iter(parts))}"]
     if module is None or isinstance(module, SavedModule) or not _is_wrappable(module):
         raise LorakitError(
@@ -229,24 +253,23 @@ def _is_wrappable(module: nn.Module) -> bool:
         return False
 
 
-def _check_coverage(model: nn.Module, config: LoraConfig, changes: list[LayerChange], adapter: AdapterFile) -> None:
+def _check_coverage(config: LoraConfig, changes: list[LayerChange], adapter: AdapterFile, targets) -> None:
     """The file's adapted modules must be exactly those its config targets on this model."""
-    if config.target_modules is None and config.exclude_modules is None:
+    if targets is None:
         return  # nothing to compare with: the tensors say what is adapted
-    expected = {p for p, _ in find_targets(model, config)}
     got = {c.path for c in changes}
-    extra = sorted(got - expected)
+    extra = sorted(got - set(targets))
     if extra:
         raise LorakitError(
             f"adapter tensor '{adapter.keys[f'{extra[0]}/A']}' adapts '{extra[0]}', which target_modules="
             f"{config.target_modules!r} does not select; the file and adapter_config.json disagree"
         )
-    missing = sorted(expected - got)
+    missing = sorted(set(targets) - got)
     if missing:
         raise LorakitError(
             f"the adapter has no tensors for '{missing[0]}' ({len(missing)} targeted module(s) missing), which "
-            f"target_modules={config.target_modules!r} selects on this model; the file is incomplete or for another "
-            "model"
+            f"target_modules={config.target_modules!r} selects on this model; the file is incomplete or for "
+            "another model"
         )
 
 
@@ -322,14 +345,13 @@ def _saved_entry(state: dict[str, Tensor], module: nn.Module, key: str, inner: s
 
 
 def _check_like(key: str, value: Tensor, own: Tensor) -> None:
-    check_tensor(key, value) if value.dim() else None
+    """A tensor that replaces one of the model's: floating, the same shape, finite."""
     if value.dtype not in FLOAT_DTYPES or tuple(value.shape) != tuple(own.shape):
         raise LorakitError(
             f"adapter tensor '{key}' has shape {tuple(value.shape)} ({value.dtype}) but the model's is "
             f"{tuple(own.shape)}; the adapter is for another model"
         )
-    if not bool(torch.isfinite(value).all()):
-        raise LorakitError(f"adapter tensor '{key}' holds NaN or infinite values; the adapter is corrupt")
+    check_finite({key: value})
 
 
 def _refuse_base_tensor(key: str, value: Tensor, own: Tensor | None, config: LoraConfig) -> None:

@@ -45,12 +45,18 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Like named_modules(), but does not descend into lorakit's own wrappers."""
-    for child_name, child in module.named_children():
-        path = f"{prefix}.{child_name}" if prefix else child_name
+    """Like named_modules() (depth first, in model order), but does not descend into lorakit's own
+    wrappers. Iterative over `_modules`: a server walks the whole model on every hot load."""
+
+    def children(parent: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+        return [(f"{path}.{n}" if path else n, c) for n, c in reversed(parent._modules.items()) if c is not None]
+
+    stack = children(module, prefix)
+    while stack:
+        path, child = stack.pop()
         yield path, child
         if not isinstance(child, (LoraLayer, SavedModule)):
-            yield from walk(child, path)
+            stack.extend(children(child, path))
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attach import AdapterFile, apply, check_tensor, plan_file
+from ..attach import AdapterFile, apply, check_finite, check_tensor, plan_file
 from ..config import BIASES, LoraConfig
 from ..errors import LorakitError
 from ..io import inside, read_json, read_safetensors
@@ -162,6 +162,7 @@ def parse_adapter(peft_config: dict, tensors: dict[str, torch.Tensor]) -> Adapte
             raise LorakitError(f"adapter tensor '{key}' repeats {keys[f'{path}/{kind}']}; the file is corrupt")
         check_tensor(key, value)
         factors[path][kind], keys[f"{path}/{kind}"] = value, key
+    check_finite({keys[f"{p}/{k}"]: v for p, parts in factors.items() for k, v in parts.items()})
     for path, parts in factors.items():
         _check_pair(config, path, parts, keys)
     return AdapterFile(config, factors, others, keys, task_type=peft_config.get("task_type"))

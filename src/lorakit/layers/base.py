@@ -156,9 +156,10 @@ class LoraLayer(nn.Module):
             return "init='pissa' rewrites the base weight, so it must be the only adapter on a layer"
         if any(s.init == "pissa" for s in self.specs.values()):
             return "this layer holds a PiSSA adapter, which rewrote its base weight; delete that adapter first"
-        if not self.base_layer.weight.is_floating_point():
-            return f"the base weight is {self.base_layer.weight.dtype}; LoRA needs a floating-point base weight"
-        if spec.r > max(self.out_dim, self.in_dim):
+        weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            return f"the base weight is {weight.dtype}; LoRA needs a floating-point base weight"
+        if spec.r > max(weight.shape[0], weight.numel() // max(weight.shape[0], 1)):  # max(d, k), any layout
             return (
                 f"rank r={spec.r} exceeds the layer's larger dimension ({self.out_dim} x {self.in_dim}); a rank above "
                 "min(d, k) adds parameters but no expressiveness"
