@@ -9,12 +9,16 @@ max length 128, 32 steps, fp32, no evaluation while training; both save the adap
 skipped there). `--targets all-linear`, `--gradient-checkpointing`: the same with those settings
 on both sides (TRL's own default turns gradient checkpointing on; here it follows the flag).
 
-Cases run alternately, each in a fresh subprocess (`lorakit train` is the real CLI), for
-`--rounds` rounds. Per case: steady step (median step time after the first 3 steps), end to end
-(the training process's wall time: start, imports, load, data, all steps, save), peak RSS of that
-process (kernel high-water mark via wait4), and the held-out loss on the supervised tokens,
+Cases run alternately, each in a fresh subprocess (lorakit's runs `lorakit train` through the
+CLI's own entry point), for `--rounds` rounds. Per case: steady step (median over the steps after
+the first 3, in CPU seconds of the process and in wall seconds), end to end (the training
+process's whole life: start, imports, load, data, all steps, save; CPU seconds user + system and
+wall seconds), peak RSS of that process (kernel high-water mark via wait4), and the held-out loss
+on the supervised tokens,
 computed afterwards for both adapters by one evaluator outside both libraries' training code
 (transformers + PEFT's loader on the saved PEFT-format adapter, plain cross-entropy).
+On a machine shared with other jobs wall times follow the load; with one thread (--threads 1) the
+CPU seconds measure the work itself, so compare those there.
 
     python benchmarks/sft_vs_trl.py                        # the demo task, 2 rounds
     python benchmarks/sft_vs_trl.py --targets all-linear
@@ -81,13 +85,15 @@ def run_trl(args, data: Path, out: Path) -> None:
     dataset = load_dataset("json", data_files=str(data), split="train")
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     times: list[float] = []
+    cpu: list[float] = []
 
     class StepTimes(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.tick = time.perf_counter()
+            self.tick, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.tick)
+            cpu.append(time.process_time() - self.cpu)
 
     config = SFTConfig(
         output_dir=str(out),
@@ -122,23 +128,38 @@ def run_trl(args, data: Path, out: Path) -> None:
     trainer.train()
     trainer.save_model(str(out / "adapter"))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    (out / "steps.json").write_text(json.dumps({"step_seconds": times, "losses": losses}))
+    (out / "steps.json").write_text(json.dumps({"step_seconds": times, "step_cpu_seconds": cpu, "losses": losses}))
 
 
-def lorakit_command(args, data: Path, out: Path) -> list[str]:
-    command = [str(Path(sys.executable).parent / "lorakit"), "train", "--model", "smollm2-135m-instruct"]
+def run_lorakit(args, data: Path, out: Path) -> None:
+    """`lorakit train` through the CLI's own entry point, timing each optimizer step's CPU seconds."""
+    from lorakit.cli import main as cli_main
+    from lorakit.train import trainer
+
+    times, cpu, step = [], [], trainer._step
+
+    def timed(*a, **k):
+        tick, tock = time.perf_counter(), time.process_time()
+        stats = step(*a, **k)
+        times.append(time.perf_counter() - tick)
+        cpu.append(time.process_time() - tock)
+        return stats
+
+    trainer._step = timed
+    code = cli_main(lorakit_args(args, data, out))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    (out / "steps.json").write_text(json.dumps({"step_seconds": times, "step_cpu_seconds": cpu, "losses": losses}))
+    sys.exit(code)
+
+
+def lorakit_args(args, data: Path, out: Path) -> list[str]:
+    command = ["train", "--model", "smollm2-135m-instruct"]
     command += ["--data", str(data), "--out", str(out), "--r", "8", "--alpha", "16", "--dropout", "0"]
     command += ["--targets", args.targets, "--lr", "1e-3", "--warmup-steps", "3", "--schedule", "cosine"]
     command += ["--batch-size", str(args.batch_size), "--max-length", "128", "--max-steps", str(args.steps)]
     command += ["--seed", "0", "--no-progress", "--no-plot", "--overwrite"]
     return command + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
-
-
-def lorakit_steps(out: Path) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("split") == "train"]
-    elapsed = [r["elapsed_s"] for r in train]
-    return {"step_seconds": [b - a for a, b in zip(elapsed, elapsed[1:])], "losses": [r["loss"] for r in train]}
 
 
 # ----- one evaluator for both adapters (child process) ----------------------------------------
@@ -176,8 +197,8 @@ def held_out_loss(held: Path, adapter: Path) -> float:
 
 
 # ----- parent: alternate cases, measure, tabulate ---------------------------------------------
-def measure(command: list[str], env: dict) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB, stderr tail) of one child process."""
+def measure(command: list[str], env: dict) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds (user + system), peak RSS MB) of one child process."""
     started = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = child.stderr.read()
@@ -186,7 +207,7 @@ def measure(command: list[str], env: dict) -> tuple[float, float, str]:
     wall = time.perf_counter() - started
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])} failed ({child.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, err[-500:]
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -201,13 +222,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="runs/sft_vs_trl")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/sft_vs_trl[-variant].json")
-    parser.add_argument("--child", choices=["trl", "eval"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["trl", "lorakit", "eval"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child == "trl":
-        run_trl(args, Path(args.data), Path(args.out))
+    if args.child in ("trl", "lorakit"):
+        (run_trl if args.child == "trl" else run_lorakit)(args, Path(args.data), Path(args.out))
         return
     if args.child == "eval":
         print(json.dumps({"loss": held_out_loss(Path(args.data), Path(args.out))}))
@@ -231,16 +252,13 @@ def main() -> None:
     for round_index in range(args.rounds):
         for case in CASES:
             out = work / f"{case}-{round_index}"
-            if case == "trl":
-                command = [sys.executable, __file__, "--child", "trl", "--data", str(data["trl"]), "--out", str(out)]
-                command += ["--task", args.task, "--targets", args.targets, "--steps", str(args.steps)]
-                command += ["--batch-size", str(args.batch_size)]
-                command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-                out.mkdir(parents=True, exist_ok=True)
-            else:
-                command = lorakit_command(args, data["lorakit"], out)
-            wall, rss, _ = measure(command, env)
-            steps = json.loads((out / "steps.json").read_text()) if case == "trl" else lorakit_steps(out)
+            command = [sys.executable, __file__, "--child", case, "--data", str(data[case]), "--out", str(out)]
+            command += ["--task", args.task, "--targets", args.targets, "--steps", str(args.steps)]
+            command += ["--batch-size", str(args.batch_size)]
+            command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+            out.mkdir(parents=True, exist_ok=True)
+            wall, cpu, rss = measure(command, env)
+            steps = json.loads((out / "steps.json").read_text())
             evaluated = subprocess.run(
                 [
                     sys.executable,
@@ -260,16 +278,20 @@ def main() -> None:
             loss = json.loads(evaluated.stdout.strip().splitlines()[-1])["loss"]
             result = {
                 "steady_step_s": statistics.median(steps["step_seconds"][3:]),
+                "steady_step_cpu_s": statistics.median(steps["step_cpu_seconds"][3:]),
                 "end_to_end_s": wall,
+                "end_to_end_cpu_s": cpu,
                 "held_out_loss": loss,
                 "peak_rss_mb": rss,
                 "train_losses": steps["losses"],
                 "step_seconds": steps["step_seconds"],
+                "step_cpu_seconds": steps["step_cpu_seconds"],
             }
             runs[case].append(result)
             print(
-                f"round {round_index + 1}/{args.rounds} {case:8s} step {result['steady_step_s']:.2f} s  end to end "
-                f"{wall:.0f} s  held-out loss {loss:.4f}  peak RSS {rss:,.0f} MB",
+                f"round {round_index + 1}/{args.rounds} {case:8s} step {result['steady_step_s']:.2f} s "
+                f"({result['steady_step_cpu_s']:.2f} CPU s)  end to end {wall:.0f} s ({cpu:.0f} CPU s)  held-out loss "
+                f"{loss:.4f}  peak RSS {rss:,.0f} MB",
                 flush=True,
             )
 
@@ -277,7 +299,9 @@ def main() -> None:
     for case, results in runs.items():
         summary[case] = {
             "steady_step_s": statistics.median(t for r in results for t in r["step_seconds"][3:]),
+            "steady_step_cpu_s": statistics.median(t for r in results for t in r["step_cpu_seconds"][3:]),
             "end_to_end_s": statistics.median(r["end_to_end_s"] for r in results),
+            "end_to_end_cpu_s": statistics.median(r["end_to_end_cpu_s"] for r in results),
             "held_out_loss": statistics.mean(r["held_out_loss"] for r in results),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         }
@@ -295,18 +319,19 @@ def main() -> None:
     }
     print(f"\n{args.task} task, targets {args.targets}, gradient checkpointing {args.gradient_checkpointing}, ")
     print(f"{args.steps} steps x batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds; {versions}")
-    print("| | steady step | end to end | held-out loss | peak RSS |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| | steady step (CPU s) | steady step (wall s) | end to end (CPU s) | end to end (wall s) | held-out loss "
+        "| peak RSS |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    keys = ("steady_step_cpu_s", "steady_step_s", "end_to_end_cpu_s", "end_to_end_s", "held_out_loss", "peak_rss_mb")
     for case in CASES:
         s = summary[case]
         print(
-            f"| {case} | {s['steady_step_s']:.2f} s | {s['end_to_end_s']:.0f} s | {s['held_out_loss']:.4f} | "
-            f"{s['peak_rss_mb']:,.0f} MB |"
+            f"| {case} | {s[keys[0]]:.2f} | {s[keys[1]]:.2f} | {s[keys[2]]:.0f} | {s[keys[3]]:.0f} | "
+            f"{s[keys[4]]:.4f} | {s[keys[5]]:,.0f} MB |"
         )
-    print(
-        f"| lorakit / TRL | {ratio['steady_step_s']:.3f} | {ratio['end_to_end_s']:.3f} | "
-        f"{ratio['held_out_loss']:.4f} | {ratio['peak_rss_mb']:.3f} |"
-    )
+    print("| lorakit / TRL | " + " | ".join(f"{ratio[k]:.3f}" for k in keys) + " |")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(args), "versions": versions, "summary": summary, "lorakit_over_trl": ratio, "runs": runs}
     json_path.write_text(json.dumps(record, indent=1))

@@ -253,6 +253,11 @@ def run(out, quick: bool, command: str, only_cached: bool = False, kinds=("seq-c
                     f.write(json.dumps({"key": key, **done[key]}) + "\n")
             runs.append(done[key])
             bar.update(1)
+    if len(runs) < len(plan):
+        report.add(
+            f"**Partial sweep: {len(runs)} of {len(plan)} runs finished** (the rest were not run: the shared machine "
+            "was saturated). Rerun the command above to finish it; finished runs are read from the cache."
+        )
     summarise(report, all_tasks, runs)
     results = {"tasks": [{"name": t.name, "kind": t.kind, "description": t.description} for t in all_tasks]}
     results["runs"] = runs

@@ -13,7 +13,7 @@ def test_head_lr_puts_saved_heads_in_their_own_group():
     model = tiny_bert()
     inject(model, LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    cfg = TrainConfig(model="m", data="d", out="o", task="seq-cls", lr=1e-3)
+    cfg = TrainConfig(model="m", data="d", out="o", task="seq-cls", lr=1e-3, head_lr=None)
     (group,) = param_groups(model, cfg)
     assert {id(p) for p in group["params"]} == set(trainable)
     adapter, head = param_groups(model, TrainConfig(model="m", data="d", out="o", lr=1e-3, head_lr=5e-3))
