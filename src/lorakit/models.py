@@ -18,6 +18,7 @@ from .io import atomic_directory
 log = logging.getLogger("lorakit.models")
 
 SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the converted weights are, for adapter configs
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_FILES = (
     "model.safetensors",

@@ -10,6 +10,7 @@ Reading is in peft_read.py (strict, through the one attach path); this module wr
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -39,14 +40,55 @@ def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, i
     return a, b, r
 
 
-def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
-    """Leaf names (e.g. q_proj) when they pick exactly `paths`, else the full paths.
+def _target_names(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """target_modules that make PEFT adapt exactly `paths`.
 
-    Every module counts, not only adaptable ones: PEFT wraps whatever a name matches and refuses a
-    container, so `to_out.0` must not be saved as "0" in a model that also has `down_blocks.0`."""
-    leaves = {p.rsplit(".", 1)[-1] for p in paths}
-    picked = {p for p, _ in walk(model) if p.rsplit(".", 1)[-1] in leaves}
-    return sorted(leaves) if picked == set(paths) else sorted(paths)
+    PEFT adapts every module whose name equals an entry or ends with "." + entry, containers included, so
+    each path is written as its shortest dotted suffix that picks no other module: the leaf name (q_proj)
+    where it is unique to adapted modules, longer where the leaf is ambiguous (attn1.to_out.0, not "0",
+    which would also pick down_blocks.0). A path that is itself the tail of a longer one gets an anchored regex.
+    """
+    adapted = set(paths)
+    picked_by: dict[str, set[str]] = {}  # dotted suffix -> every module name it picks
+    for name, _ in walk(model):
+        parts = name.split(".")
+        for i in range(len(parts)):
+            picked_by.setdefault(".".join(parts[i:]), set()).add(name)
+    names = set()
+    for path in paths:
+        parts = path.split(".")
+        suffix = next(
+            (s for s in (".".join(parts[-k:]) for k in range(1, len(parts) + 1)) if picked_by[s] <= adapted), None
+        )
+        if suffix is None:
+            return "^(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
+        names.add(suffix)
+    return sorted(names)
+
+
+def hub_id(model: nn.Module) -> str | None:
+    """The model's hub id ("org/name") when it has one, for base_model_name_or_path; None for a local folder.
+
+    Runtimes (llama.cpp's converter, vLLM) take this field for a hub id, so a local path would mislead them.
+    A folder inside the Hugging Face cache (models--org--name/snapshots/...) gives its id back, and so does
+    lorakit's converted SmolLM2.
+    """
+    from ..models import SMOLLM2, SMOLLM2_HUB_ID, cache_dir
+
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", None) or "")
+    if not name:
+        return None
+    if name.lower() in (SMOLLM2, "smollm2"):
+        return SMOLLM2_HUB_ID
+    path = Path(name).expanduser()
+    if path.exists():
+        cached = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", str(path.resolve()))
+        if cached:
+            return f"{cached[1]}/{cached[2]}"
+        if path.resolve() == (cache_dir() / "SmolLM2-135M-Instruct").resolve():
+            return SMOLLM2_HUB_ID
+        return None
+    return name if re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) else None
 
 
 def _task_type(model: nn.Module, has_head: bool) -> str | None:
@@ -102,7 +144,7 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model, has_head=not pure and bool(config.modules_to_save)),
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": hub_id(model),
         "r": r_default,
         "lora_alpha": alpha_default,
         "lora_dropout": config.dropout,
@@ -122,12 +164,58 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
     return tensors, peft_config
 
 
-def save_adapter(model: nn.Module, directory: str | Path, name: str = "default", pure: bool = False) -> Path:
-    """Write adapter `name` in PEFT's layout. pure=True writes only LoRA factors (vLLM, llama.cpp)."""
+SAVE_FORMATS = ("peft", "diffusers", "kohya")
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str = "default",
+    pure: bool = False,
+    format: str = "peft",
+    fold_scales: bool = False,
+    prefix: str | None = None,
+) -> Path:
+    """Write adapter `name`; returns the path written.
+
+    format="peft" (default): adapter_config.json + adapter_model.safetensors in `directory`; pure=True
+        writes only LoRA factors (vLLM, llama.cpp).
+    format="diffusers": `directory`/pytorch_lora_weights.safetensors, config in its header, keys under the
+        pipeline component `prefix` (default: unet / transformer / text_encoder from the model's class);
+        loads with a pipeline's load_lora_weights(directory) or model.load_lora_adapter(directory, prefix=...).
+    format="kohya": one kohya / A1111 file; `directory` is the .safetensors path (prefix: lora_unet_ ...).
+    fold_scales=True folds every module's scale into B (one rank, alpha = r) so runtimes that read only
+        lora_alpha (vLLM, llama.cpp's converter) compute the same update under rsLoRA and alpha/rank patterns.
+    The base fingerprint (lorakit.fingerprint) goes into the safetensors header.
+    """
+    from .. import fingerprint
+    from . import fold
+
+    if format not in SAVE_FORMATS:
+        raise LorakitError(f"format={format!r} is not a format lorakit writes; use one of {', '.join(SAVE_FORMATS)}")
     tensors, peft_config = adapter_state(model, name, pure=pure)
+    if fold_scales:
+        peft_config, tensors = fold.fold_scales(peft_config, tensors)
+    paths = [p for p, layer in lora_layers(model) if name in layer.specs]
+    metadata = {"format": "pt", **fingerprint.to_metadata(fingerprint.record(model, paths))}
     directory = Path(directory)
+    if format == "kohya":
+        from .kohya import kohya_prefix, to_kohya
+
+        if directory.suffix != ".safetensors" or directory.is_dir():
+            raise LorakitError(f"{directory}: a kohya LoRA is one file; give a path ending in .safetensors")
+        out, extra = to_kohya(peft_config, tensors, kohya_prefix(model, prefix))
+        write_safetensors(directory, out, metadata={**metadata, **extra})
+        return directory
     if directory.exists() and not directory.is_dir():
         raise LorakitError(f"{directory} exists and is not a directory; choose another output path")
-    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    if format == "diffusers":
+        from .diffusers import WEIGHTS_FILE as DIFFUSERS_FILE
+        from .diffusers import component_of, to_diffusers
+
+        out, extra = to_diffusers(peft_config, tensors, prefix or component_of(model))
+        write_safetensors(directory / DIFFUSERS_FILE, out, metadata={**metadata, **extra})
+        return directory
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata=metadata)
     write_json(directory / CONFIG_FILE, peft_config)
     return directory
