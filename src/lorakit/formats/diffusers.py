@@ -57,10 +57,17 @@ def component_of(model: nn.Module) -> str:
     )
 
 
+def legacy_prefix(model: nn.Module) -> str:
+    """ "text_model." for a CLIP text encoder that lacks it: transformers 5 flattened CLIPTextModel, while LoRA
+    files (and older runtimes) name its modules text_model.encoder...; diffusers strips it when absent."""
+    return "text_model." if type(model).__name__.startswith("CLIPText") and not hasattr(model, "text_model") else ""
+
+
 def to_diffusers(
-    peft_config: dict, tensors: dict[str, torch.Tensor], prefix: str
+    peft_config: dict, tensors: dict[str, torch.Tensor], prefix: str, legacy: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT-layout adapter -> (tensors, header metadata) in diffusers' pipeline layout under `prefix`."""
+    """PEFT-layout adapter -> (tensors, header metadata) in diffusers' pipeline layout under `prefix`
+    (`legacy` goes before every module path: see legacy_prefix)."""
     if prefix not in COMPONENTS:
         raise LorakitError(
             f"prefix={prefix!r} is not a diffusers pipeline component; use one of {', '.join(COMPONENTS)}"
@@ -73,7 +80,7 @@ def to_diffusers(
                 f"adapter tensor '{short}' is not a LoRA factor (modules_to_save or a bias); diffusers' format holds "
                 "LoRA factors only: save with format='peft', or train without modules_to_save / bias"
             )
-        out[f"{prefix}.{short}"] = value
+        out[f"{prefix}.{legacy}{short}"] = value
     module_scales(peft_config, tensors)  # refuses an incomplete adapter before anything is written
     config = {k: peft_config[k] for k in _CONFIG_FIELDS if k in peft_config}
     config["target_modules"] = sorted(factor_keys(tensors))  # full paths: exactly the adapted modules
@@ -139,15 +146,16 @@ def read_diffusers(
     metadata = {k.removeprefix(f"{prefix}."): v for k, v in (raw or {}).items() if not prefix or k.startswith(prefix)}
     alphas: dict[str, float] = {}
     out: dict[str, torch.Tensor] = {}
+    legacy = legacy_prefix(model) if model is not None else ""  # text_model. in the file, not in the model
     for key, value in tensors.items():
         if prefix:
             if not key.startswith(prefix + "."):
                 continue
             key = key[len(prefix) + 1 :]
         if key.endswith(".alpha"):  # network alphas (kohya-trained files converted by diffusers)
-            alphas[key.removesuffix(".alpha")] = float(value.float().reshape(-1)[0])
+            alphas[key.removesuffix(".alpha").removeprefix(legacy)] = float(value.float().reshape(-1)[0])
             continue
-        key = _peft_key(key)
+        key = _peft_key(key).removeprefix(legacy)
         if not key.endswith(_LORA_SUFFIXES):
             raise LorakitError(f"tensor '{key}' in {file} is not a LoRA factor diffusers writes; is it a LoRA file?")
         out[PREFIX + key] = value

@@ -7,8 +7,9 @@ component's prefix (lora_unet_ for the UNet, lora_te_ / lora_te1_ / lora_te2_ fo
     lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight     B (d x r), or (d x r x 1 x 1)
     lora_unet_down_blocks_0_attentions_0_proj_in.alpha              0-d tensor; ΔW = (alpha / r)·B·A
 
-kohya has no rsLoRA, no alpha_pattern and no DoRA: the writer stores each module's own scale as its alpha
-(alpha_m = s_m·r_m), so every module's update is exact. Because "_" also appears inside module names
+kohya has no rsLoRA and no DoRA: the writer stores one alpha for all modules and folds whatever else a
+module's scale needs into its lora_up, so every module's update is exact in every kohya reader.
+Because "_" also appears inside module names
 (transformer_blocks, to_out), a name maps back to a path only against the model, which `read_kohya` takes.
 Both directions go through PEFT's layout (formats/peft.py).
 """
@@ -24,7 +25,7 @@ from torch import nn
 from ..errors import LorakitError
 from ..layers import is_adaptable
 from ..registry import walk
-from .diffusers import component_of
+from .diffusers import component_of, legacy_prefix
 from .fold import PREFIX, factor_keys, module_scales
 from .safetensors_file import read_with_metadata
 
@@ -48,9 +49,10 @@ def kohya_name(prefix: str, path: str) -> str:
 
 
 def to_kohya(
-    peft_config: dict, tensors: dict[str, torch.Tensor], prefix: str
+    peft_config: dict, tensors: dict[str, torch.Tensor], prefix: str, legacy: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT-layout adapter -> (tensors, header metadata) in kohya's layout under `prefix`."""
+    """PEFT-layout adapter -> (tensors, header metadata) in kohya's layout under `prefix`; `legacy` is put
+    before every path (text_model. for CLIP text encoders, see diffusers.legacy_prefix)."""
     pairs = factor_keys(tensors)
     for key in tensors:
         short = key.removeprefix(PREFIX)
@@ -66,33 +68,39 @@ def to_kohya(
                 f"adapter tensor '{short}' is {what}, which kohya's format cannot hold; save with format='peft' "
                 "(or export a merged model)"
             )
+    scales = module_scales(peft_config, tensors)
+    # One alpha for every module, the rest of each module's scale folded into lora_up: diffusers' kohya
+    # converter drops per-module alphas of attention layers, and A1111 / ComfyUI read per-module ones.
+    alpha = Counter(scale * r for r, scale in scales.values()).most_common(1)[0][0]
     out: dict[str, torch.Tensor] = {}
-    alphas = []
-    for path, (r, scale) in sorted(module_scales(peft_config, tensors).items()):
-        name = kohya_name(prefix, path)
+    for path, (r, scale) in sorted(scales.items()):
+        name = kohya_name(prefix, legacy + path)
+        up = tensors[pairs[path]["B"]]
+        fold = scale * r / alpha  # kohya's ΔW = (alpha / r)·up·down, so up·fold gives exactly s·B·A
         out[f"{name}.lora_down.weight"] = tensors[pairs[path]["A"]]
-        out[f"{name}.lora_up.weight"] = tensors[pairs[path]["B"]]
-        alpha = scale * r  # kohya's ΔW = (alpha / r)·B·A, so this alpha gives exactly s
+        out[f"{name}.lora_up.weight"] = up if fold == 1 else (up.double() * fold).to(up.dtype)
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        alphas.append(alpha)
-    ranks = [int(tensors[pairs[p]["A"]].shape[0]) for p in pairs]
+    ranks = [r for r, _ in scales.values()]
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(Counter(ranks).most_common(1)[0][0]),
-        "ss_network_alpha": f"{Counter(alphas).most_common(1)[0][0]:g}",
+        "ss_network_alpha": f"{alpha:g}",
     }
     return out, metadata
 
 
 def _names(model: nn.Module, prefix: str) -> dict[str, str]:
-    """kohya name -> module path for every adaptable module of `model`."""
+    """kohya name -> module path for every adaptable module of `model` (also under text_model. for CLIP)."""
     from ..layers import LoraLayer
 
-    return {
-        kohya_name(prefix, path): path
-        for path, module in walk(model)
-        if is_adaptable(module.base_layer if isinstance(module, LoraLayer) else module)
-    }
+    legacy = legacy_prefix(model)
+    names = {}
+    for path, module in walk(model):
+        if is_adaptable(module.base_layer if isinstance(module, LoraLayer) else module):
+            names[kohya_name(prefix, path)] = path
+            if legacy:
+                names[kohya_name(prefix, legacy + path)] = path
+    return names
 
 
 def read_kohya(

@@ -200,20 +200,21 @@ def save_adapter(
     metadata = {"format": "pt", **fingerprint.to_metadata(fingerprint.record(model, paths))}
     directory = Path(directory)
     if format == "kohya":
+        from .diffusers import legacy_prefix
         from .kohya import kohya_prefix, to_kohya
 
         if directory.suffix != ".safetensors" or directory.is_dir():
             raise LorakitError(f"{directory}: a kohya LoRA is one file; give a path ending in .safetensors")
-        out, extra = to_kohya(peft_config, tensors, kohya_prefix(model, prefix))
+        out, extra = to_kohya(peft_config, tensors, kohya_prefix(model, prefix), legacy_prefix(model))
         write_safetensors(directory, out, metadata={**metadata, **extra})
         return directory
     if directory.exists() and not directory.is_dir():
         raise LorakitError(f"{directory} exists and is not a directory; choose another output path")
     if format == "diffusers":
         from .diffusers import WEIGHTS_FILE as DIFFUSERS_FILE
-        from .diffusers import component_of, to_diffusers
+        from .diffusers import component_of, legacy_prefix, to_diffusers
 
-        out, extra = to_diffusers(peft_config, tensors, prefix or component_of(model))
+        out, extra = to_diffusers(peft_config, tensors, prefix or component_of(model), legacy_prefix(model))
         write_safetensors(directory / DIFFUSERS_FILE, out, metadata={**metadata, **extra})
         return directory
     write_safetensors(directory / WEIGHTS_FILE, tensors, metadata=metadata)
