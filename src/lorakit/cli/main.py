@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 from ..errors import LorakitError
 
 # subcommand -> module under lorakit.cli that defines add_parser(subparsers) and run(args)
-SUBCOMMANDS: list[str] = ["train", "eval", "generate", "merge", "inspect", "serve"]
+SUBCOMMANDS: list[str] = ["train", "eval", "generate", "merge", "inspect", "serve", "export", "verify"]
 # Other packages add subcommands through this entry-point group (the lab adds `experiment`), so the
 # library never imports them.
 PLUGIN_GROUP = "lorakit.commands"
