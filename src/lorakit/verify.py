@@ -9,11 +9,13 @@ is shown. Runtimes:
     diffusers       model.load_lora_adapter on the diffusers file lorakit writes (image models)
     GGUF export     lorakit's llama.cpp adapter read back with the `gguf` package, applied as llama.cpp
                     does: W += (α / r)·B·A per tensor, llama.cpp's q/k row order undone
+    llama.cpp       llama-cpp-python, when installed: the f32 base written as GGUF with lorakit's adapter
     vLLM            reads lora_alpha and r only: s = lora_alpha / r (or / √r) for every module
     llama.cpp conv. convert_lora_to_gguf.py writes one alpha = lora_alpha: s = alpha / r_m, no rsLoRA
 The last two are the runtimes' documented scale rules applied to the PEFT folder (marked "rule"): a module
 whose rule-scale differs from its real scale is drift, which `lorakit export --format peft --fold-scales`
-removes. A runtime that is not installed is skipped.
+removes. Both refuse DoRA and modules_to_save (export a merged model for them). A runtime that is not
+installed is skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ DRIFT_TOLERANCE = 1e-6
 @dataclass
 class RuntimeCheck:
     runtime: str
-    status: str  # ran | rule (the runtime's scale rule applied) | not installed | not applicable: ... | failed: ...
+    status: str  # ran | rule (its scale rule applied) | refuses X | not installed | n/a: why | failed: why
     max_diff: float | None = None
     dropped: list[str] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)  # "path: runtime s vs adapter s"
@@ -46,7 +48,7 @@ class RuntimeCheck:
     def agrees(self, tolerance: float, scale: float) -> bool | None:
         """True/False for runtimes that ran or whose rule was applied; None when skipped."""
         if self.status not in ("ran", "rule"):
-            return None if not self.status.startswith("failed") else False
+            return False if self.status.startswith(("failed", "refuses")) else None
         close = self.max_diff is None or self.max_diff <= tolerance * max(1.0, scale)
         return close and not self.dropped and not self.drift
 
@@ -72,10 +74,18 @@ def _peft_layers(model: nn.Module, adapter: str) -> dict[str, float]:
 class Verifier:
     """Runs the checks for one adapted model. `fresh()` gives a new copy of the base; `run(model)` its output."""
 
-    def __init__(self, model: nn.Module, fresh: Callable[[], nn.Module], run: Callable[[nn.Module], torch.Tensor]):
+    def __init__(
+        self,
+        model: nn.Module,
+        fresh: Callable[[], nn.Module],
+        run: Callable[[nn.Module], torch.Tensor],
+        tokenizer: Any = None,
+        token_ids: list[int] | None = None,
+    ):
         if "default" not in adapter_configs(model):
             raise LorakitError("verify needs the adapter loaded as 'default'")
         self.model, self.fresh, self.run = model, fresh, run
+        self.tokenizer, self.token_ids = tokenizer, token_ids
         self.layers = {p: layer for p, layer in lora_layers(model) if "default" in layer.specs}
         self.scales = {p: layer.specs["default"].scale for p, layer in self.layers.items()}
         self.reference = run(model)
@@ -99,7 +109,7 @@ class Verifier:
         from .formats.peft import save_adapter
 
         if not type(self.model).__module__.startswith("diffusers"):
-            return RuntimeCheck("diffusers", "not applicable: not a diffusers model")
+            return RuntimeCheck("diffusers", "n/a: not a diffusers model")
         save_adapter(self.model, tmp / "diffusers", format="diffusers")
         other = self.fresh()
         other.load_lora_adapter(
@@ -111,11 +121,11 @@ class Verifier:
         from .formats.gguf import ARCHS, llama_permute, row_heads, tensor_name, write_adapter
 
         if getattr(getattr(self.model, "config", None), "model_type", None) not in ARCHS:
-            return RuntimeCheck("GGUF export", "not applicable: llama.cpp architecture not supported")
+            return RuntimeCheck("GGUF export", "n/a: architecture not in llama.cpp export")
         try:
             path = write_adapter(self.model, tmp / "adapter.gguf")
         except LorakitError as err:
-            return RuntimeCheck("GGUF export", f"not applicable: {err}")
+            return RuntimeCheck("GGUF export", f"n/a: {err}")
         import gguf
 
         reader = gguf.GGUFReader(path)
@@ -137,6 +147,30 @@ class Verifier:
                 weight.add_(delta.to(weight.dtype))
             adapted[p] = self.scales[p]  # scales are folded into B, so only the output tells
         return self._compare("GGUF export", other, adapted)
+
+    def llama_cpp(self, tmp: Path) -> RuntimeCheck:
+        """llama.cpp itself (llama-cpp-python): the f32 base as GGUF plus lorakit's GGUF adapter, same tokens."""
+        from llama_cpp import Llama
+
+        from .formats.gguf import ARCHS, write_adapter, write_merged
+
+        if self.tokenizer is None or not self.token_ids:
+            return RuntimeCheck("llama.cpp", "n/a: not a language model")
+        if getattr(getattr(self.model, "config", None), "model_type", None) not in ARCHS:
+            return RuntimeCheck("llama.cpp", "n/a: architecture not in llama.cpp export")
+        try:
+            adapter = write_adapter(self.model, tmp / "llama-cpp-adapter.gguf")
+        except LorakitError as err:
+            return RuntimeCheck("llama.cpp", f"n/a: {err}")
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        base = write_merged(self.fresh(), tmp / "base.gguf", tmp / "tokenizer", dtype="f32")
+        llm = Llama(
+            model_path=str(base), lora_path=str(adapter), logits_all=True, n_ctx=len(self.token_ids) + 16, verbose=False
+        )
+        llm.eval(self.token_ids)
+        got = torch.tensor(llm.scores[: len(self.token_ids)], dtype=torch.float32)
+        diff = (got - self.reference.reshape(got.shape)).abs().max().item()
+        return RuntimeCheck("llama.cpp", "ran", diff)
 
     def rule(self, runtime: str, scale_of: Callable[[dict, int], float]) -> RuntimeCheck:
         """A runtime's scale rule applied to the PEFT config lorakit writes: each module's update rescaled to it."""
@@ -172,6 +206,7 @@ class Verifier:
                 ("PEFT", "peft", self.peft),
                 ("diffusers", "diffusers", self.diffusers),
                 ("GGUF export", "gguf", self.gguf),
+                ("llama.cpp", "llama_cpp", self.llama_cpp),
             ):
                 if importlib.util.find_spec(package) is None:
                     checks.append(RuntimeCheck(name, "not installed"))
@@ -180,9 +215,10 @@ class Verifier:
                     checks.append(method(Path(tmp)))
                 except Exception as err:  # a runtime that crashes on the adapter is a finding, not a crash
                     checks.append(RuntimeCheck(name, f"failed: {type(err).__name__}: {str(err).splitlines()[0]}"))
-        if not any(layer.specs["default"].use_dora for layer in self.layers.values()):
-            checks.append(self.rule("vLLM (scale rule)", vllm_rule))
-            checks.append(self.rule("llama.cpp converter (scale rule)", llama_cpp_rule))
+        config = adapter_configs(self.model)["default"]
+        blocker = "DoRA" if config.use_dora else "modules_to_save" if config.modules_to_save else None
+        for runtime, rule in (("vLLM (scale rule)", vllm_rule), ("llama.cpp converter (scale rule)", llama_cpp_rule)):
+            checks.append(RuntimeCheck(runtime, f"refuses {blocker}") if blocker else self.rule(runtime, rule))
         return checks
 
 

@@ -97,7 +97,7 @@ def test_verify_a_diffusers_unet_and_a_kohya_file(cli, tmp_path):
     assert code == 0, out + err
     rows = {line.split("  ")[0]: line for line in out.splitlines()}
     assert rows["diffusers"].rstrip().endswith("yes") and rows["PEFT"].rstrip().endswith("yes")
-    assert "not applicable" in rows["GGUF export"]
+    assert "n/a" in rows["GGUF export"]
     code, out, err = cli(
         "export", "--model", tmp_path / "unet", "--adapter", tmp_path / "k.safetensors", "--format", "diffusers",
         "--out", tmp_path / "d",
@@ -117,8 +117,18 @@ def test_verify_warns_or_refuses_another_base(cli, tiny_models, tmp_path):
     model.save_pretrained(other)
     for f in Path(tiny_models["llama"]).glob("*token*"):
         (other / f.name).write_bytes(f.read_bytes())
-    with pytest.warns(UserWarning, match="trained on other base weights"):
-        code, out, err = cli("verify", "--model", other, "--adapter", adapter)
+    code, out, err = cli("verify", "--model", other, "--adapter", adapter)
     assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "1 of 2 adapted modules differ" in warned[0]
     code, out, err = cli("verify", "--model", other, "--adapter", adapter, "--strict")
     assert code == 2 and "trained on other base weights" in err and "model.layers.0.self_attn.q_proj" in err
+
+
+def test_verify_names_runtimes_that_refuse_dora(cli, tiny_models, tmp_path):
+    adapter = llama_adapter(tiny_models["llama"], tmp_path / "a", r=2, target_modules=["q_proj"], use_dora=True)
+    code, out, err = cli("verify", "--model", tiny_models["llama"], "--adapter", adapter)
+    assert code == 1, err
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert rows["PEFT"].rstrip().endswith("yes") and "refuses DoRA" in rows["vLLM (scale rule)"]
+    assert "n/a" in rows["GGUF export"] and "lorakit merge" in out

@@ -10,7 +10,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_diffusion import UNET_TARGETS, run_clip, run_unet, tiny_clip, tiny_pipeline, tiny_unet
+from tiny_diffusion import UNET_TARGETS, run_clip, run_sd3, run_unet, tiny_clip, tiny_pipeline, tiny_sd3, tiny_unet
 from tiny_models import randomize_adapter
 
 import lorakit
@@ -44,6 +44,17 @@ def test_diffusers_loads_what_lorakit_writes(case, tmp_path):
     pipe.load_lora_weights(tmp_path / "d", adapter_name="mine")
     torch.testing.assert_close(run_unet(pipe.unet), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(run_unet(tiny_unet()), expected, atol=1e-4)
+
+
+def test_a_transformer_model_loads_with_diffusers_default_prefix(tmp_path):
+    model = lorakit.inject(tiny_sd3(), LoraConfig(r=2, alpha=6, target_modules=["to_q", "add_q_proj", "to_out.0"]))
+    randomize_adapter(model, "default", std=0.3)
+    lorakit.save_adapter(model, tmp_path / "t", format="diffusers")
+    other = tiny_sd3()
+    other.load_lora_adapter(tmp_path / "t", use_safetensors=True)  # prefix="transformer" is diffusers' default
+    torch.testing.assert_close(run_sd3(other), run_sd3(model), atol=1e-5, rtol=1e-5)
+    again = load(tiny_sd3(), tmp_path / "t")
+    torch.testing.assert_close(run_sd3(again), run_sd3(model), atol=1e-5, rtol=1e-5)
 
 
 def test_pipeline_loads_a_lorakit_text_encoder_adapter(tmp_path):

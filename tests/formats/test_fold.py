@@ -39,3 +39,12 @@ def test_folded_adapter_gives_every_runtime_the_same_update(tmp_path):
             torch.testing.assert_close(runtime_scale * b @ a, layer.delta_weight("default"), atol=1e-6, rtol=1e-5)
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "f").eval()
     torch.testing.assert_close(peft_model(token_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_folding_keeps_dora_exact(tmp_path):
+    model = lorakit.inject(tiny_llama(), LoraConfig(**KWARGS, use_dora=True))
+    randomize_adapter(model, "default")
+    expected = model(token_ids()).logits
+    lorakit.save_adapter(model, tmp_path / "f", fold_scales=True)
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "f").eval()
+    torch.testing.assert_close(peft_model(token_ids()).logits, expected, atol=1e-5, rtol=1e-5)

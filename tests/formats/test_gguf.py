@@ -71,6 +71,11 @@ def test_what_a_gguf_adapter_cannot_hold_is_refused(tmp_path):
     dora = lorakit.inject(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(LorakitError, match="DoRA.*--merged"):
         write_adapter(dora, tmp_path / "d.gguf")
+    tied = tiny_llama()
+    tied.config.tie_word_embeddings = True
+    head = lorakit.inject(tied, LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(LorakitError, match="ties to the token embeddings.*--merged"):
+        write_adapter(head, tmp_path / "h.gguf")
     gpt = lorakit.inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(LorakitError, match="GGUF export supports"):
         write_adapter(gpt, tmp_path / "g.gguf")

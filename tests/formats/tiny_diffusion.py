@@ -76,3 +76,33 @@ def tiny_pipeline(unet=None, text_encoder=None):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_sd3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+    ).eval()
+
+
+def run_sd3(model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+        pooled_projections=torch.randn(1, 16, generator=g),
+        timestep=torch.tensor([5]),
+    )
+    with torch.no_grad():
+        return model(**inputs).sample

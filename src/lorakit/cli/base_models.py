@@ -51,9 +51,22 @@ def load_base(model_id: str, adapter: str) -> tuple[nn.Module, Any, str]:
 
 
 def attach(model: nn.Module, adapter: str, strict: bool = False, name: str = "default") -> nn.Module:
+    """Load `adapter` onto `model`; a base-fingerprint mismatch is one "warning:" line on stderr."""
+    import sys
+    import warnings
+
+    from ..fingerprint import BaseMismatchWarning
     from ..formats.detect import load
 
-    return load(model, adapter, name=name, strict=strict).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BaseMismatchWarning)
+        load(model, adapter, name=name, strict=strict)
+    for warning in caught:
+        if issubclass(warning.category, BaseMismatchWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model.eval()
 
 
 def probe(model: nn.Module, tokenizer: Any, task: str) -> dict[str, Any]:

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     base, tokenizer, task = load_base(args.model, args.adapter)
     inputs = probe(base, tokenizer, task)
     model = attach(fresh(base), args.adapter, strict=args.strict)
-    verifier = Verifier(model, lambda: fresh(base), lambda m: output(m, inputs))
+    ids = inputs["input_ids"][0].tolist() if "input_ids" in inputs else None
+    verifier = Verifier(model, lambda: fresh(base), lambda m: output(m, inputs), tokenizer, ids)
     checks = verifier.all()
     scale = verifier.reference.abs().max().item()
     if args.json:
@@ -54,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     verdicts = [c.agrees(args.tolerance, scale) for c in checks]
     if False in verdicts:
         if not args.json:
-            rules = [c for c in checks if c.status == "rule" and c.drift]
-            hint = " (for vLLM / llama.cpp's converter: lorakit export --format peft --fold-scales)" if rules else ""
+            hint = ""
+            if any(c.status == "rule" and c.drift for c in checks):
+                hint = " (for vLLM / llama.cpp's converter: lorakit export --format peft --fold-scales)"
+            if any(c.status.startswith("refuses") for c in checks):
+                hint += " (where DoRA or saved modules are refused: lorakit merge, or export --format gguf --merged)"
             print(f"DISAGREE: {sum(v is False for v in verdicts)} runtime(s) differ from lorakit{hint}")
         return 1
     if not args.json:

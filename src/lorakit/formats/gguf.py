@@ -91,6 +91,11 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[float, dict[str, Tenso
     pairs = factor_keys(tensors)
     if any(k["A"].endswith("lora_embedding_A") for k in pairs.values()):
         raise LorakitError(f"adapter '{name}' adapts an embedding; export the merged model instead (--merged)")
+    if "lm_head" in pairs and getattr(model.config, "tie_word_embeddings", False):
+        raise LorakitError(
+            "the adapter adapts lm_head, which llama.cpp ties to the token embeddings of this model (llama.cpp#9065); "
+            "export the merged model instead (--merged)"
+        )
     scales = module_scales(peft_config, tensors)
     alpha = Counter(s * r for r, s in scales.values()).most_common(1)[0][0]
     out = {}
