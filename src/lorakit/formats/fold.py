@@ -13,13 +13,14 @@ no patterns, no rsLoRA, so every reader's scale is exactly 1.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import torch
 
 from ..config import LoraConfig
 from ..errors import LorakitError
+from .peft import PREFIX
 
-PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
@@ -60,6 +61,13 @@ def module_scales(peft_config: dict, tensors: dict[str, torch.Tensor]) -> dict[s
         alpha = rule.alpha_for(path)
         out[path] = (r, alpha / r**0.5 if rule.use_rslora else alpha / r)
     return out
+
+
+def one_alpha(scales: dict[str, tuple[int, float]]) -> tuple[float, dict[str, float]]:
+    """For formats that store ΔW = (alpha / r_m)·B·A with r_m each module's own rank (kohya, llama.cpp's GGUF):
+    the most common alpha_m = s_m·r_m, and per module the factor its B needs so the update stays s_m·B·A."""
+    alpha = Counter(s * r for r, s in scales.values()).most_common(1)[0][0]
+    return alpha, {path: s * r / alpha for path, (r, s) in scales.items()}
 
 
 def _pad(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:

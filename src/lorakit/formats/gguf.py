@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from .fold import factor_keys, module_scales
+from .fold import factor_keys, module_scales, one_alpha
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's RoPE)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
@@ -97,11 +96,10 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[float, dict[str, Tenso
             "export the merged model instead (--merged)"
         )
     scales = module_scales(peft_config, tensors)
-    alpha = Counter(s * r for r, s in scales.values()).most_common(1)[0][0]
+    alpha, factors = one_alpha(scales)  # llama.cpp applies alpha / r per tensor: B·factor makes it exactly s·B·A
     out = {}
-    for path, (r, s) in sorted(scales.items()):
-        a, b = tensors[pairs[path]["A"]].float(), tensors[pairs[path]["B"]].float()
-        b = b * (s * r / alpha)  # llama.cpp applies alpha / r: this makes it exactly s·B·A
+    for path in sorted(scales):
+        a, b = tensors[pairs[path]["A"]].float(), tensors[pairs[path]["B"]].float() * factors[path]
         heads = row_heads(model, f"{path}.weight")
         if heads is not None:
             b = llama_permute(b, heads)

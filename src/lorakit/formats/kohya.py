@@ -26,7 +26,7 @@ from ..errors import LorakitError
 from ..layers import is_adaptable
 from ..registry import walk
 from .diffusers import component_of, legacy_prefix
-from .fold import PREFIX, factor_keys, module_scales
+from .fold import PREFIX, factor_keys, module_scales, one_alpha
 from .safetensors_file import read_with_metadata
 
 COMPONENT_PREFIX = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te_"}
@@ -71,14 +71,13 @@ def to_kohya(
     scales = module_scales(peft_config, tensors)
     # One alpha for every module, the rest of each module's scale folded into lora_up: diffusers' kohya
     # converter drops per-module alphas of attention layers, and A1111 / ComfyUI read per-module ones.
-    alpha = Counter(scale * r for r, scale in scales.values()).most_common(1)[0][0]
+    alpha, factors = one_alpha(scales)
     out: dict[str, torch.Tensor] = {}
-    for path, (r, scale) in sorted(scales.items()):
+    for path in sorted(scales):
         name = kohya_name(prefix, legacy + path)
         up = tensors[pairs[path]["B"]]
-        fold = scale * r / alpha  # kohya's ΔW = (alpha / r)·up·down, so up·fold gives exactly s·B·A
         out[f"{name}.lora_down.weight"] = tensors[pairs[path]["A"]]
-        out[f"{name}.lora_up.weight"] = up if fold == 1 else (up.double() * fold).to(up.dtype)
+        out[f"{name}.lora_up.weight"] = up if factors[path] == 1 else (up.double() * factors[path]).to(up.dtype)
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     ranks = [r for r, _ in scales.values()]
     metadata = {
