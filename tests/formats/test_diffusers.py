@@ -88,6 +88,24 @@ def test_lorakit_loads_a_pipeline_file(tmp_path):
     torch.testing.assert_close(run_unet(model), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_lorakit_loads_each_component_of_a_pipeline_file(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import inject_adapter_in_model
+
+    text_config = PeftLoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    unet, text = diffusers_unet_with_lora(), inject_adapter_in_model(text_config, tiny_clip())
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "p",
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(text),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+        safe_serialization=True,
+    )
+    torch.testing.assert_close(run_unet(load(tiny_unet(), tmp_path / "p")), run_unet(unet), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_clip(load(tiny_clip(), tmp_path / "p")), run_clip(text), atol=1e-5, rtol=1e-5)
+
+
 def test_lorakit_loads_a_model_level_file(tmp_path):
     unet = diffusers_unet_with_lora()
     expected = run_unet(unet)
