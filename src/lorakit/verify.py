@@ -164,8 +164,15 @@ class Verifier:
             return RuntimeCheck("llama.cpp", f"n/a: {err}")
         self.tokenizer.save_pretrained(tmp / "tokenizer")
         base = write_merged(self.fresh(), tmp / "base.gguf", tmp / "tokenizer", dtype="f32")
+        f32 = 0  # GGML_TYPE_F32: llama.cpp's default f16 KV cache alone moves logits by ~1e-3
         llm = Llama(
-            model_path=str(base), lora_path=str(adapter), logits_all=True, n_ctx=len(self.token_ids) + 16, verbose=False
+            model_path=str(base),
+            lora_path=str(adapter),
+            logits_all=True,
+            n_ctx=len(self.token_ids) + 16,
+            type_k=f32,
+            type_v=f32,
+            verbose=False,
         )
         llm.eval(self.token_ids)
         got = torch.tensor(llm.scores[: len(self.token_ids)], dtype=torch.float32)
