@@ -84,7 +84,7 @@ def test_lorakit_loads_a_pipeline_file(tmp_path):
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         safe_serialization=True,
     )
-    model = load(tiny_unet(), tmp_path / "p", name="sd")
+    model = lorakit.load_adapter(tiny_unet(), tmp_path / "p", name="sd")  # the format is detected
     torch.testing.assert_close(run_unet(model), expected, atol=1e-5, rtol=1e-5)
 
 

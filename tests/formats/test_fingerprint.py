@@ -62,3 +62,23 @@ def test_files_without_a_fingerprint_are_not_checked():
     assert from_metadata({"format": "pt"}) is None
     assert from_metadata({METADATA_KEY: "{broken"}) is None
     assert check(tiny_llama(), None) == []
+
+
+def test_load_adapter_checks_the_fingerprint(tmp_path):
+    """lorakit.load_adapter (every format) warns for another base, refuses it with strict=True, model unchanged."""
+    from lorakit.layers import LoraLayer
+
+    lorakit.save_adapter(adapted(), tmp_path / "a")
+    with pytest.warns(BaseMismatchWarning):
+        lorakit.load_adapter(tiny_llama(seed=1), tmp_path / "a")
+    other = tiny_llama(seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(LorakitError, match="trained on other base weights"):
+        lorakit.load_adapter(other, tmp_path / "a", strict=True)
+    assert not any(isinstance(m, LoraLayer) for m in other.modules())
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        lorakit.load_adapter(tiny_llama(0), tmp_path / "a", strict=True)  # its own base: silent

@@ -56,7 +56,7 @@ def test_lorakit_reads_kohya_like_diffusers(tmp_path):
     assert detect(file) == "kohya"
     pipe = tiny_pipeline()
     pipe.load_lora_weights(str(file), adapter_name="style")
-    unet = load(tiny_unet(), file, name="style")
+    unet = lorakit.load_adapter(tiny_unet(), file, name="style")  # the format is detected
     text = load(tiny_clip(), file, name="style")
     torch.testing.assert_close(run_unet(unet), run_unet(pipe.unet), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(run_clip(text), run_clip(pipe.text_encoder), atol=1e-5, rtol=1e-5)

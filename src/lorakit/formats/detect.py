@@ -6,13 +6,12 @@
     kohya      one .safetensors file with lora_unet_* / lora_te_* keys (.lora_down / .lora_up / .alpha)
 
 Every format ends as (PEFT config dict, tensors keyed base_model.model.<path>.lora_A.weight ...), so all of
-them go through the one checked attach path; the base fingerprint in the file's header (if any) is checked
-first: a different base warns, or is refused with strict=True.
+them go through the one checked attach path (peft_read.attach_file -> attach.plan_file / apply); the base
+fingerprint in the file's header (if any) is checked first: a different base warns, or is refused with strict=True.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -57,7 +56,8 @@ def read_any(
     """(PEFT config dict, PEFT-layout tensors, header metadata) of the adapter at `path`, for `model`."""
     format = format or detect(path)
     if format == "peft":
-        from .peft import WEIGHTS_FILE, read_adapter
+        from .peft import WEIGHTS_FILE
+        from .peft_read import read_adapter
 
         config, tensors = read_adapter(path)
         return config, tensors, read_metadata(Path(path) / WEIGHTS_FILE)
@@ -72,25 +72,30 @@ def read_any(
     raise LorakitError(f"format={format!r} is not one lorakit reads; use one of {', '.join(READ_FORMATS)}")
 
 
-def load(
+def load_adapter(
     model: nn.Module,
     path: str | Path,
     name: str = "default",
+    trainable: bool = False,
+    activate: bool = True,
+    freeze: bool = True,
+    allow_base_changes: bool = True,
     format: str | None = None,
     prefix: str | None = None,
     strict: bool = False,
-    **kwargs,
 ) -> nn.Module:
-    """Load the adapter at `path` (any format) as `name`; kwargs as lorakit.load_adapter's."""
-    from ..io import write_json, write_safetensors
-    from .peft import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+    """Add the adapter at `path` as `name`; returns the model. Any format lorakit reads (detected, or format=
+    "peft" | "diffusers" | "kohya"; prefix= picks a diffusers pipeline component or a kohya prefix).
+
+    The adapter's base fingerprint, when it has one, is checked first: other base weights warn
+    (BaseMismatchWarning), or raise with strict=True. Then the one attach path (attach.plan_file) checks
+    every tensor before anything changes; trainable / activate / freeze / allow_base_changes as there.
+    """
+    from .peft_read import attach_file, parse_adapter
 
     config, tensors, metadata = read_any(model, path, format=format, prefix=prefix)
     fingerprint.check(model, fingerprint.from_metadata(metadata), strict=strict, source=f"adapter {path}")
-    if (format or detect(path)) == "peft":
-        return load_adapter(model, path, name=name, **kwargs)
-    # Until the attach path takes (config, tensors) directly, the converted adapter goes through a PEFT folder.
-    with tempfile.TemporaryDirectory(prefix="lorakit-convert-") as tmp:
-        write_safetensors(Path(tmp) / WEIGHTS_FILE, tensors)
-        write_json(Path(tmp) / CONFIG_FILE, config)
-        return load_adapter(model, tmp, name=name, **kwargs)
+    return attach_file(model, parse_adapter(config, tensors), name, trainable, activate, freeze, allow_base_changes)
+
+
+load = load_adapter  # the name formats.detect had before the attach path landed

@@ -204,6 +204,20 @@ def load_adapter(
     allow_base_changes: bool = True,
 ) -> nn.Module:
     """Add the adapter saved in `directory` (by lorakit or PEFT) as `name`; returns the model.
+    lorakit.load_adapter (formats/detect.py) also reads diffusers and kohya files and checks the base fingerprint."""
+    return attach_file(model, read_adapter_file(directory), name, trainable, activate, freeze, allow_base_changes)
+
+
+def attach_file(
+    model: nn.Module,
+    adapter: AdapterFile,
+    name: str = "default",
+    trainable: bool = False,
+    activate: bool = True,
+    freeze: bool = True,
+    allow_base_changes: bool = True,
+) -> nn.Module:
+    """Attach a parsed adapter file (any format, converted to PEFT's layout) through the one attach path.
 
     Everything in the file is checked against the model before anything changes (attach.plan_file).
     The model ends up frozen, unless trainable=True, which makes this adapter the trainable part.
@@ -211,7 +225,7 @@ def load_adapter(
     the new adapter's tensors: a server whose model is frozen once saves a walk over every parameter.
     allow_base_changes=False refuses adapters that set shared base biases (a server for many users).
     """
-    plan = plan_file(model, read_adapter_file(directory), name)
+    plan = plan_file(model, adapter, name)
     if plan.changes_base and not allow_base_changes:
         raise LorakitError(
             f"adapter '{name}' trains biases (bias={plan.config.bias!r}), which would change the base model for "
