@@ -8,7 +8,8 @@ adapter's top-r part added back, so the fingerprint does not depend on what is a
 
     record(model, paths)  -> {"version": 1, "sample": 32, "modules": {path: [d, k, hash]}}
     compare(model, fp)    -> list of differences (module missing, shape, values)
-    check(model, fp, strict) warns (BaseMismatchWarning) or, with strict=True, raises LorakitError
+    check(model, fp, strict) warns (BaseMismatchWarning) or, with strict=True, raises LorakitError, when the
+                             values differ (a missing module or another shape is the attach path's error)
 
 The fingerprint travels in the adapter file's safetensors header under METADATA_KEY (JSON), which
 PEFT, diffusers, vLLM and llama.cpp ignore.
@@ -29,6 +30,7 @@ from .layers import LoraLayer, is_adaptable, wrap
 METADATA_KEY = "lorakit_base_fingerprint"
 VERSION = 1
 SAMPLE = 32
+VALUES_DIFFER = "different weight values"
 
 
 class BaseMismatchWarning(UserWarning):
@@ -102,7 +104,7 @@ def compare(model: nn.Module, fingerprint: dict) -> list[str]:
         if list(weight.shape) != list(shape):
             differences.append(f"{path}: shape {tuple(weight.shape)}, trained on {tuple(shape)}")
         elif module_hash(weight, sample) != digest:
-            differences.append(f"{path}: different weight values")
+            differences.append(f"{path}: {VALUES_DIFFER}")
     return differences
 
 
@@ -111,6 +113,8 @@ def check(model: nn.Module, fingerprint: dict | None, strict: bool = False, sour
     if fingerprint is None:
         return []
     differences = compare(model, fingerprint)
+    if any(not d.endswith(VALUES_DIFFER) for d in differences):
+        return differences  # a module missing or of another shape: the attach path refuses it, naming the tensor
     if differences:
         total = len(fingerprint["modules"])
         message = (
