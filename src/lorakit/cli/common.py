@@ -16,6 +16,7 @@ from ..errors import LorakitError
 from ..formats import read_adapter
 from ..formats.peft import CONFIG_FILE
 from ..models import load_model, load_tokenizer
+from ..quant.convert import FORMATS
 
 _HEAD_WEIGHT = re.compile(r"\.(score|classifier|classifier\.out_proj)\.weight$")
 
@@ -26,6 +27,17 @@ def add_model_argument(parser: argparse.ArgumentParser, required: bool = True) -
         required=required,
         metavar="PATH_OR_ID",
         help="a Hugging Face model folder, a hub id, or smollm2-135m-instruct (the offline SmolLM2)",
+    )
+
+
+def add_base_dtype_argument(parser, default: str | None = "auto") -> None:
+    """--base-dtype: how the frozen base is stored (adapters stay fp32); lorakit.quant picks the arithmetic."""
+    parser.add_argument(
+        "--base-dtype",
+        choices=["auto", *FORMATS],
+        default=default,
+        help="store the frozen base as fp32, bf16, fp16, int8 or int4 (embeddings and head int8); adapters stay "
+        "fp32. auto (default): fp32 for a Hugging Face folder, the file's own blocks for a GGUF file",
     )
 
 
@@ -55,7 +67,11 @@ def adapter_info(directory: str) -> dict[str, Any]:
 
 
 def load_with_adapters(
-    model_id: str, adapters: list[str], task: str | None = None, names: list[str] | None = None
+    model_id: str,
+    adapters: list[str],
+    task: str | None = None,
+    names: list[str] | None = None,
+    base_dtype: str | None = None,
 ) -> tuple[Any, Any, str, list | None]:
     """(model, tokenizer, task, labels) with each adapter loaded (the last one active); eval mode."""
     import lorakit
@@ -79,7 +95,7 @@ def load_with_adapters(
             "ignore_mismatched_sizes": True,
         }
     tokenizer = load_tokenizer(model_id)
-    model = load_model(model_id, task=task, **extra)
+    model = load_model(model_id, task=task, base_dtype=base_dtype, **extra)
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     for i, directory in enumerate(adapters):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_model_argument, load_with_adapters, quiet_transformers
+from .common import add_base_dtype_argument, add_model_argument, load_with_adapters, quiet_transformers
 
 
 def add_parser(subparsers) -> None:
@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--max-length", type=int, default=512, metavar="N")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_base_dtype_argument(p)
     p.add_argument("--json", action="store_true", help='print one JSON object, e.g. {"loss": 2.31, "perplexity": 10.1}')
     p.set_defaults(run=run)
 
@@ -37,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError("--batch-size must be >= 1 and --max-length >= 2")
     quiet_transformers()
     rows = load_rows(args.data, "--data")
-    model, tokenizer, task, labels = load_with_adapters(args.model, [args.adapter] if args.adapter else [], args.task)
+    model, tokenizer, task, labels = load_with_adapters(
+        args.model, [args.adapter] if args.adapter else [], args.task, base_dtype=args.base_dtype
+    )
     if task == "seq-cls" and labels is None:
         labels = label_set(rows, args.data)
         if len(labels) != model.config.num_labels:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_argument, load_with_adapters, quiet_transformers
+from .common import add_base_dtype_argument, add_model_argument, load_with_adapters, quiet_transformers
 
 
 def add_parser(subparsers) -> None:
@@ -37,6 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_base_dtype_argument(p)
     p.set_defaults(run=run)
 
 
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     specs = [parse_adapter(a) for a in args.adapter]
     names = [f"adapter{i + 1}" for i in range(len(specs))]
-    model, tokenizer, task, _ = load_with_adapters(args.model, [p for p, _ in specs], names=names)
+    model, tokenizer, task, _ = load_with_adapters(
+        args.model, [p for p, _ in specs], names=names, base_dtype=args.base_dtype
+    )
     if task != "causal-lm":
         raise LorakitError("this adapter is for sequence classification; use `lorakit eval` to score it")
     if len(specs) > 1 or (specs and specs[0][1] != 1.0):

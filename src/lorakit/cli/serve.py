@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .common import add_model_argument
+from .common import add_base_dtype_argument, add_model_argument
 
 
 def add_parser(subparsers) -> None:
@@ -48,6 +48,7 @@ def add_parser(subparsers) -> None:
         help="prompt tokens prefilled per step (default 2048)",
     )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    add_base_dtype_argument(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=run)
 
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
-    model = load_model(args.model)
+    name = args.name or (Path(args.model).name if Path(args.model).exists() else args.model)  # a folder or .gguf
+    model = load_model(args.model, base_dtype=args.base_dtype)
     tokenizer = load_tokenizer(args.model)
     server = create_server(
         model,

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_model_argument, quiet_transformers
+from .common import add_base_dtype_argument, add_model_argument, quiet_transformers
 
 EXAMPLES = """examples:
   lorakit train --model smollm2-135m-instruct --data train.jsonl --eval-fraction 0.1 --out runs/a --max-steps 100
@@ -88,7 +88,12 @@ def add_parser(subparsers) -> None:
     mem = p.add_argument_group("memory and precision")
     _switch(mem, "gradient-checkpointing", "recompute activations in backward: less memory, ~30%% more time")
     mem.add_argument("--bf16", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA GPUs that have it)")
-    mem.add_argument("--base-dtype", choices=["fp32", "bf16"], help="store the frozen base in bf16; adapters stay fp32")
+    add_base_dtype_argument(mem, default=None)
+    mem.add_argument(
+        "--saved-activations",
+        choices=["auto", "fp32", "bf16"],
+        help="store what backward needs in bf16, computing in fp32 (auto, the default: bf16 for a quantized base)",
+    )
     mem.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     run = p.add_argument_group("evaluation, checkpoints, output")
     run.add_argument(

@@ -117,6 +117,7 @@ class LoraLayer(nn.Module):
     def _init_pissa(self, name: str) -> None:
         """PiSSA: A, B from the top-r singular triplets of W; W keeps the residual."""
         spec = self.specs[name]
+        self._writable_base()
         with torch.no_grad():
             weight = self._weight_2d()
             u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
@@ -127,6 +128,17 @@ class LoraLayer(nn.Module):
             self.lora_B[name].data.copy_(b.reshape(self.lora_B[name].shape))
             weight.sub_((spec.scale * b @ a).to(weight.dtype))
             self._pissa_start[name] = (self.lora_A[name].detach().clone(), self.lora_B[name].detach().clone())
+
+    def _writable_base(self) -> None:
+        """A quantized base (lorakit.quant) is replaced by its exact fp32 dequantization before W is
+        written: folding s·B·A into 4 or 8 bits would lose most of it, and unmerge could not undo that."""
+        dequantized = getattr(self.base_layer, "dequantized", None)
+        if getattr(self.base_layer, "lorakit_quantized", False) and callable(dequantized):
+            self.base_layer = dequantized()
+            self.base_changed()
+
+    def base_changed(self) -> None:
+        """Called after `base_layer` is replaced (quantized or dequantized): re-read what depends on its type."""
 
     def delete_adapter(self, name: str) -> None:
         if self.merged == name:
@@ -216,6 +228,7 @@ class LoraLayer(nn.Module):
             return
         if self.merged is not None:
             raise LorakitError(f"adapter '{self.merged}' is already merged; call unmerge first")
+        self._writable_base()
         with torch.no_grad():
             weight = self._weight_2d()
             delta = self.delta_weight(name)

@@ -26,11 +26,22 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.fan_in_fan_out = is_gpt2_conv1d(base_layer)
+        self.base_changed()
+
+    def base_changed(self) -> None:
+        self.fan_in_fan_out = is_gpt2_conv1d(self.base_layer)  # Conv1D stores W transposed (in x out)
 
     def _weight_2d(self) -> Tensor:
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
+
+    @property
+    def out_dim(self) -> int:  # from the layer's shape, not its weight (a quantized base would dequantize)
+        return self.base_layer.nf if self.fan_in_fan_out else self.base_layer.out_features
+
+    @property
+    def in_dim(self) -> int:
+        return self.base_layer.weight.shape[0] if self.fan_in_fan_out else self.base_layer.in_features
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)

@@ -23,7 +23,10 @@ class SavedModule(nn.Module):
         self.row_adapters: list[str | None] | None = None
 
     def add_copy(self, name: str) -> None:
-        self.copies[name] = copy.deepcopy(self.original_module)
+        original = self.original_module
+        if getattr(original, "lorakit_quantized", False):  # a trainable copy of a quantized layer is an fp32 layer
+            original = original.dequantized()
+        self.copies[name] = copy.deepcopy(original)
         for param in self.copies[name].parameters():
             param.requires_grad_(True)
 

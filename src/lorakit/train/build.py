@@ -16,6 +16,8 @@ from ..errors import LorakitError
 from ..inject import inject
 from ..layers.saved_module import SavedModule
 from ..models import load_model
+from ..quant import is_quantized
+from ..quant.activations import store_activations
 from . import checkpoint, distributed
 from .config import RESUME_FIXED, TrainConfig
 
@@ -73,8 +75,8 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
-    if cfg.base_dtype == "bf16":
-        return contextlib.nullcontext  # inject(base_dtype=bf16) already runs the forward under autocast
+    if cfg.base_dtype not in ("auto", "fp32"):
+        return contextlib.nullcontext  # a quantized / 16-bit base picks its own arithmetic (lorakit.quant)
     wanted = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if not wanted:
         return contextlib.nullcontext
@@ -98,7 +100,9 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
             "label2id": {str(v): i for i, v in enumerate(labels)},
             "ignore_mismatched_sizes": True,
         }
-    model = load_model(cfg.model, task=cfg.task, num_labels=len(labels) if labels else None, **extra)
+    model = load_model(
+        cfg.model, task=cfg.task, num_labels=len(labels) if labels else None, base_dtype=cfg.base_dtype, **extra
+    )
     if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # Llama-style classifiers find the last token by it
     heads = classifier_heads(model) if cfg.task == "seq-cls" and not cfg.modules_to_save else None
@@ -106,7 +110,6 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
         model,
         cfg.lora_config(default_modules_to_save=heads),
         name=ADAPTER,
-        base_dtype=torch.bfloat16 if cfg.base_dtype == "bf16" else None,
         seed=cfg.seed,
     )
     if cfg.gradient_checkpointing:
@@ -115,7 +118,14 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
                 f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing"
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # training never reads a KV cache; building one holds every layer's k, v
+    saved = cfg.saved_activations
+    if saved == "auto":
+        saved = "bf16" if any(is_quantized(m) for m in model.modules()) else "fp32"
+    store_activations(model, torch.bfloat16 if saved == "bf16" else None)
+    if saved == "bf16":
+        log.info("activations saved for backward are stored in bf16 (compute stays fp32)")
     return model
 
 

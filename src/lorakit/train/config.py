@@ -14,12 +14,14 @@ from typing import Any
 
 from ..config import INITS, LoraConfig
 from ..errors import LorakitError
+from ..quant.convert import FORMATS
 
 TASKS = ("causal-lm", "seq-cls")
 SCHEDULES = ("cosine", "linear", "constant")
 SWITCHES = ("auto", "on", "off")
-BASE_DTYPES = ("fp32", "bf16")
+BASE_DTYPES = ("auto", *FORMATS)  # auto: fp32 for a Hugging Face folder, the blocks of a GGUF file
 DEVICES = ("auto", "cpu", "cuda")
+SAVED_ACTIVATIONS = ("auto", "fp32", "bf16")
 # Fields that must not change between a run and its --resume (they change what a step computes).
 RESUME_FIXED = (
     "model",
@@ -85,7 +87,8 @@ class TrainConfig:
     # memory / precision
     gradient_checkpointing: bool = False
     bf16: str = "auto"
-    base_dtype: str = "fp32"
+    base_dtype: str = "auto"
+    saved_activations: str = "auto"  # auto: bf16 when the base is quantized or 16-bit, else fp32
     device: str = "auto"
     # evaluation, checkpoints, output
     eval_every: int = 0
@@ -148,6 +151,7 @@ class TrainConfig:
             ("schedule", SCHEDULES),
             ("bf16", SWITCHES),
             ("base_dtype", BASE_DTYPES),
+            ("saved_activations", SAVED_ACTIVATIONS),
             ("device", DEVICES),
         ):
             if getattr(self, name) not in allowed:
