@@ -20,7 +20,7 @@ from .io import atomic_directory
 from .quant import base_format, quantize_base
 from .quant.gguf import find_gguf
 from .quant.gguf import load_model as load_gguf_model
-from .quant.gguf import load_tokenizer as load_gguf_tokenizer
+from .quant.gguf_meta import load_tokenizer as load_gguf_tokenizer
 
 log = logging.getLogger("lorakit.models")
 

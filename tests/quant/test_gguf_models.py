@@ -25,10 +25,17 @@ def dequantized_arithmetic():
 
 
 @pytest.fixture(scope="session")
-def gguf_dir(tmp_path_factory):
+def gguf_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     tiny_tokenizer(root / "tokenizer")
     return root
+
+
+@pytest.fixture
+def gguf_dir(gguf_root, monkeypatch):
+    """The tiny files' folder; their parsed metadata is cached under it, not in the user's cache."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(gguf_root / "cache"))
+    return gguf_root
 
 
 def tiny_file(root: Path, kind: str, qtype: str) -> tuple[Path, torch.nn.Module]:
@@ -96,6 +103,7 @@ def test_gguf_paths_and_bad_files_fail_with_one_line(gguf_dir, tmp_path):
     file, _ = tiny_file(gguf_dir, "llama", "Q4_0")
     assert resolve(str(file.parent)) == str(file.parent)  # a folder holding one .gguf is a model
     assert load_tokenizer(str(file.parent)).chat_template
+    assert list((gguf_dir / "cache" / "gguf").glob("tiny-llama.Q4_0-*/tokenizer.json"))  # read once, kept
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(LorakitError, match="is a file but not a .gguf model"):
         resolve(str(tmp_path / "notes.txt"))

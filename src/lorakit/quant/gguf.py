@@ -1,6 +1,6 @@
 """GGUF models in, for every architecture transformers' GGUF loader knows, with the blocks kept quantized.
 
-    config, tokenizer   transformers' own GGUF metadata reader (`gguf_file=`)
+    config, tokenizer   transformers' own GGUF metadata reader, once per file (gguf_meta.py)
     empty model         built with meta weights (accelerate), so no fp32 copy of the model ever exists
     tensor names        transformers' tables: `get_gguf_hf_weights_map` (gguf-py's per-architecture
                         names) and the architecture's TensorProcessor (e.g. Llama's q/k row order)
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..layers.linear import is_gpt2_conv1d
-from . import gguf_blocks, int4
+from . import gguf_blocks, gguf_meta, int4
 from .convert import base_format, storage_for
 from .embedding import QuantEmbedding
 from .int4 import Int4Weight
@@ -55,35 +54,6 @@ def find_gguf(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_tokenizer(file: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-
-
-def read_file(file: Path) -> tuple[str, dict]:
-    """(GGUF architecture, transformers' parsed metadata {"config": ..., "tokenizer": ...}) of `file`."""
-    from transformers.integrations.gguf import read_gguf_metadata
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    try:
-        metadata, _ = read_gguf_metadata(str(file))
-        return metadata["general.architecture"], load_gguf_checkpoint(str(file), return_tensors=False)
-    except (ValueError, KeyError, OSError, struct.error) as err:
-        raise LorakitError(f"cannot read GGUF model {file}: {str(err).splitlines()[0]}") from None
-
-
-def config_from(parsed: dict):
-    """The transformers config, as AutoConfig.from_pretrained(gguf_file=...) builds it."""
-    from transformers import CONFIG_MAPPING
-
-    values = dict(parsed["config"])
-    try:
-        return CONFIG_MAPPING[values["model_type"]].from_dict(values)
-    except KeyError:
-        raise LorakitError(f"transformers has no model type {values.get('model_type')!r} for this GGUF file") from None
-
-
 @contextlib.contextmanager
 def _one_name_map_per_call():
     """transformers' get_gguf_hf_weights_map rebuilds gguf-py's name table for every submodule it
@@ -101,7 +71,7 @@ def _one_name_map_per_call():
 class _Loader:
     """Fills an empty model from a GGUF file, one tensor at a time."""
 
-    def __init__(self, file: Path, model: nn.Module, fmt: str | None, architecture: str, parsed: dict):
+    def __init__(self, file: Path, model: nn.Module, fmt: str | None, meta: gguf_meta.GgufMeta):
         from transformers.integrations.gguf import GgufHeader, load_gguf_state_dict
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
@@ -109,7 +79,7 @@ class _Loader:
         header = GgufHeader.from_file(str(file))
         self.tensors = load_gguf_state_dict(header)  # memory-mapped, read lazily
         self.shapes = {info.name: tuple(info.shape) for info in header.tensors}  # torch order: (rows, cols)
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+        self.processor = TENSOR_PROCESSORS.get(meta.architecture, TensorProcessor)(config=dict(meta.values))
         with _one_name_map_per_call():
             self.names = get_gguf_hf_weights_map(model, self.processor)
         self.extra: dict = {"tensors": {}}  # what processors write themselves (MoE stacks, GPT-2's head)
@@ -147,7 +117,8 @@ class _Loader:
         self.extra_types.update({key: kind for key in set(self.extra["tensors"]) - before})
         if result.name is None or result.name not in self.names:
             return  # handled by the processor (kept in self.extra) or not a model tensor
-        self._assign(self.names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights)), kind)
+        # a copy: for F32 tensors `values` is a view of the memory-mapped file, which must not stay mapped
+        self._assign(self.names[result.name], torch.tensor(np.asarray(result.weights), dtype=torch.float32), kind)
 
     # ----- where a tensor goes ----------------------------------------------------------------
     def _target(self, hf_name: str | None):
@@ -288,8 +259,8 @@ def load_model(file: Path, task: str = "causal-lm", base_dtype: str | None = Non
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     fmt = None if base_dtype in (None, "auto") else base_format(base_dtype)
-    architecture, parsed = read_file(file)
-    config = config_from(parsed)
+    meta = gguf_meta.read(file)
+    config = gguf_meta.load_config(file)
     for key in ("num_labels", "id2label", "label2id"):
         if key in kwargs:
             setattr(config, key, kwargs.pop(key))
@@ -303,7 +274,7 @@ def load_model(file: Path, task: str = "causal-lm", base_dtype: str | None = Non
             raise LorakitError(f"cannot build a {task} model from {file}: {str(err).splitlines()[0]}") from None
     for param in model.parameters():
         param.requires_grad_(False)
-    loader = _Loader(file, model, fmt, architecture, parsed)
+    loader = _Loader(file, model, fmt, meta)
     loader.run()
     _finish(model, loader, file)
     model.__dict__["lorakit_base_format"] = fmt or "gguf"
