@@ -6,7 +6,10 @@ cosine, max_length 128, seed 0. The model is the same file either way, the llm-s
 
   fp32   the demo's model: the GGUF dequantized once into the fp32 safetensors cache (--model smollm2)
   int4   the GGUF file itself (--model SmolLM2-135M-Instruct.Q4_1.gguf): its Q4_1 layers kept as int4
-         codes, the Q8_0 embedding / tied head as int8; adapters and AdamW state fp32
+         codes, the Q8_0 embedding / tied head as int8; adapters and AdamW state fp32; the activations
+         saved for backward stored in bf16 (--saved-activations auto)
+  int4-ckpt0.5  the same with half of the layers checkpointed (--gradient-checkpointing
+         --checkpoint-layers 0.5): at this size activations, not weights, are most of the memory
 
 Training memory is measured as benchmarks/memory.py does: peak RSS while training runs (the kernel's
 high-water mark, reset once the model is built) minus the RSS of the same process before the model
@@ -29,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CASES = ["fp32", "int4"]
+CASES = ["fp32", "int4", "int4-ckpt0.5"]
 SYSTEM = "Classify the sentiment of the movie review as positive or negative."
 
 
@@ -96,7 +99,8 @@ def run_case(case: str, data: Path, held: Path, out: Path, steps: int, batch: in
         progress=False,
         plot=False,
         overwrite=True,
-        gradient_checkpointing=case.endswith("-ckpt"),
+        gradient_checkpointing="-ckpt" in case,
+        checkpoint_layers=float(case.partition("-ckpt")[2] or 1.0),
     )
     result = train(config)
     peak = rss_mb("VmHWM")
@@ -125,7 +129,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the cases this many times")
-    parser.add_argument("--cases", default=",".join(CASES), help="also: int4-ckpt (gradient checkpointing)")
+    parser.add_argument("--cases", default=",".join(CASES), help="BASE[-ckpt[SHARE]], e.g. int4-ckpt (all layers)")
     parser.add_argument("--json", default="benchmarks/results/quant_train.json")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,6 +153,10 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     env["OMP_NUM_THREADS"] = str(args.threads)
     results: dict[str, list[dict]] = {}
+    from lorakit.models import smollm2_gguf, smollm2_path
+    from lorakit.quant import gguf_meta
+
+    smollm2_path(), gguf_meta.read(smollm2_gguf())  # converted / parsed once, before anything is measured
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_data(root, args.steps, args.batch_size, args.held_out)

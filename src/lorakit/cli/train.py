@@ -87,6 +87,12 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--labels", metavar="A,B", help="seq-cls class labels in order (default: sorted labels of --data)")
     mem = p.add_argument_group("memory and precision")
     _switch(mem, "gradient-checkpointing", "recompute activations in backward: less memory, ~30%% more time")
+    mem.add_argument(
+        "--checkpoint-layers",
+        type=float,
+        metavar="F",
+        help="with --gradient-checkpointing: the share of layers recomputed, evenly spread (default 1 = all)",
+    )
     mem.add_argument("--bf16", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA GPUs that have it)")
     add_base_dtype_argument(mem, default=None)
     mem.add_argument(

@@ -118,6 +118,8 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
                 f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing"
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.checkpoint_layers < 1:
+            checkpoint_share(model, cfg.checkpoint_layers)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # training never reads a KV cache; building one holds every layer's k, v
     saved = cfg.saved_activations
@@ -127,6 +129,14 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
     if saved == "bf16":
         log.info("activations saved for backward are stored in bf16 (compute stays fp32)")
     return model
+
+
+def checkpoint_share(model: nn.Module, share: float) -> None:
+    """Keep checkpointing on for `share` of the checkpointable layers, evenly spread (layer i is on when
+    floor((i+1)·share) > floor(i·share)): memory and recompute time both scale with the share."""
+    layers = [m for m in model.modules() if any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = math.floor((i + 1) * share) > math.floor(i * share)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -86,6 +86,7 @@ class TrainConfig:
     labels: list[str] | None = None
     # memory / precision
     gradient_checkpointing: bool = False
+    checkpoint_layers: float = 1.0  # share of the decoder layers checkpointed, evenly spread (with the flag above)
     bf16: str = "auto"
     base_dtype: str = "auto"
     saved_activations: str = "auto"  # auto: bf16 when the base is quantized or 16-bit, else fp32
@@ -146,6 +147,9 @@ class TrainConfig:
         if self.head_lr is not None:
             self._check_number("head_lr", lambda v: 0 < v < 1, "give a learning rate > 0 and < 1, e.g. --head-lr 3e-3")
         self._check_number("weight_decay", lambda v: v >= 0, "give a number >= 0")
+        self._check_number(
+            "checkpoint_layers", lambda v: 0 < v <= 1, "give the share of layers to checkpoint, > 0 and <= 1, e.g. 0.5"
+        )
         self._check_number("max_grad_norm", lambda v: v >= 0, "give a number >= 0 (0 turns clipping off)")
         for name, allowed in (
             ("schedule", SCHEDULES),
