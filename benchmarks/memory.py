@@ -78,13 +78,13 @@ def run_case(case: str, steps: int, batch: int, seq: int, device: str) -> dict:
         if bf16:
             model = model.to(torch.bfloat16)  # PEFT's recipe: load the base in bf16; adapters stay fp32
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     elif kind == "lorakit":
         import lorakit
 
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         lorakit.inject(
             model,
             lorakit.LoraConfig(r=8, alpha=16, target_modules=TARGETS),
@@ -92,7 +92,7 @@ def run_case(case: str, steps: int, batch: int, seq: int, device: str) -> dict:
             seed=0,
         )
     elif ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)

@@ -60,7 +60,7 @@ def build_adapters(base, count: int):
     from peft import LoraConfig, get_peft_model
 
     import lorakit
-    from lorakit.registry import lora_layers
+    from lorakit.model_state import lora_layers
 
     ours = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(1)
@@ -94,7 +94,7 @@ def make_inputs(vocab: int, prefill_rows: int, decode_rows: int, base) -> dict:
     context = torch.randint(0, vocab, (decode_rows, PROMPT), generator=generator)
     step = torch.randint(0, vocab, (decode_rows, 1), generator=generator)
     with torch.no_grad():
-        cache = base(context, use_cache=True).past_key_values  # any 64-token cache; timing only
+        cache = base(context, use_cache=True).cache  # any 64-token cache; timing only
     return {"prefill": prefill, "decode": step, "cache": cache}
 
 
@@ -105,7 +105,7 @@ def forward(case: str, phase: str, models: dict, inputs: dict, n: int):
     ids = inputs[phase]
     kwargs = {}
     if phase == "decode":
-        kwargs = {"past_key_values": inputs["cache"], "use_cache": True}
+        kwargs = {"cache": inputs["cache"], "use_cache": True}
     names = [f"a{i % n}" for i in range(ids.shape[0])]
     with torch.no_grad():
         if case == "base":

@@ -62,7 +62,7 @@ def build_assets(root: Path, lines: list[str]) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     import lorakit
-    from lorakit.registry import lora_layers
+    from lorakit.model_state import lora_layers
 
     model_dir, adapters_dir = root / BASE, root / "adapters"
     tok = Tokenizer(models.BPE())

@@ -6,7 +6,7 @@ from tiny_models import randomize_adapter, tiny_llama, token_ids
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
-from lorakit.registry import lora_layers
+from lorakit.model_state import lora_layers
 
 
 def setup_model():

@@ -10,7 +10,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig, LorakitError
 from lorakit.layers import Linear, LoraLayer, SavedModule
-from lorakit.registry import lora_layers
+from lorakit.model_state import lora_layers
 
 
 def adapted(model):

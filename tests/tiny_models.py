@@ -90,7 +90,7 @@ def token_ids(batch: int = 2, length: int = 9, vocab: int = 128, seed: int = 1) 
 
 def randomize_adapter(model: nn.Module, name: str, seed: int = 0, std: float = 0.2) -> None:
     """Give adapter `name` non-zero A and B (a fresh adapter has B = 0, a no-op)."""
-    from lorakit.registry import lora_layers
+    from lorakit.model_state import lora_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

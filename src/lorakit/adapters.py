@@ -14,8 +14,8 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule
+from .model_state import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 from .quant.convert import dequantize_base
-from .registry import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 
 
 def list_adapters(model: nn.Module) -> list[str]:

@@ -23,7 +23,7 @@ from .adapters import canonical, owned_biases, set_adapter, set_trainable
 from .config import LoraConfig, pattern_matches
 from .errors import LorakitError
 from .layers import AdapterSpec, LoraLayer, SavedModule, layer_class, wrap
-from .registry import adapter_configs, bias_backups, check_adapter_name, set_submodule, walk
+from .model_state import adapter_configs, bias_backups, check_adapter_name, set_submodule, walk
 from .targets import base_of, find_targets, matches
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

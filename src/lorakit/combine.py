@@ -21,7 +21,7 @@ from .attach import AdapterPlan, LayerChange, apply, check_new_name
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import AdapterSpec
-from .registry import adapter_configs, lora_layers, require_adapter
+from .model_state import adapter_configs, lora_layers, require_adapter
 
 
 @dataclass

@@ -21,8 +21,8 @@ from torch import nn
 from .adapters import merged_adapter
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule
+from .model_state import require_adapter, walk
 from .prefix import list_prefixes, prefixes
-from .registry import require_adapter, walk
 
 
 @contextmanager

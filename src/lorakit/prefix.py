@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LorakitError
-from .registry import adapter_configs, check_adapter_name
+from .model_state import adapter_configs, check_adapter_name
 
 HOLDER = "lorakit_prefix"  # child module of the backbone that holds the prefixes
 INITS = ("random", "zero")

@@ -13,7 +13,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, SavedModule, is_adaptable, is_gpt2_conv1d
-from .registry import walk
+from .model_state import walk
 from .structure import default_targets
 
 # Per-architecture defaults when target_modules is None (the LoRA paper adapts W_q and W_v), from PEFT's

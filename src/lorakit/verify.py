@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
-from .registry import adapter_configs, lora_layers
+from .model_state import adapter_configs, lora_layers
 
 DRIFT_TOLERANCE = 1e-6
 

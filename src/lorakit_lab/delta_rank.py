@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lorakit.registry import lora_layers
+from lorakit.model_state import lora_layers
 
 from . import finetune, plots
 from .finetune import Variant

@@ -20,8 +20,8 @@ from lorakit.adapters import count_parameters, delete_adapter
 from lorakit.config import LoraConfig
 from lorakit.formats import save_adapter
 from lorakit.inject import inject
+from lorakit.model_state import lora_layers
 from lorakit.models import load_model, smollm2_path
-from lorakit.registry import lora_layers
 
 from . import plots
 from .report import Report, human_bytes

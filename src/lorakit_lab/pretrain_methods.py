@@ -26,7 +26,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import inject
-from lorakit.registry import lora_layers
+from lorakit.model_state import lora_layers
 
 from .galore import GaLoreAdamW
 

@@ -93,7 +93,7 @@ def run_one(
     initial = base_weights(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if method.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     steps = budget.ckpt_steps if method.checkpointing else budget.steps
     lr0 = {id(g): g["lr"] for g in optimizer.param_groups}

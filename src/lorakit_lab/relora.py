@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lorakit.registry import lora_layers
+from lorakit.model_state import lora_layers
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ def test_saved_adapter_records_its_base(tmp_path):
     model = adapted()
     lorakit.save_adapter(model, tmp_path / "a")
     fingerprint = recorded(tmp_path / "a")
-    assert sorted(fingerprint["modules"]) == sorted(p for p, _ in lorakit.registry.lora_layers(model))
+    assert sorted(fingerprint["modules"]) == sorted(p for p, _ in lorakit.model_state.lora_layers(model))
     assert fingerprint["modules"]["model.layers.0.self_attn.q_proj"][:2] == [32, 32]
     assert compare(tiny_llama(0), fingerprint) == []
 

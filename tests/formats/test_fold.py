@@ -31,7 +31,7 @@ def test_folded_adapter_gives_every_runtime_the_same_update(tmp_path):
     assert not config["use_rslora"] and not config["rank_pattern"] and not config["alpha_pattern"]
     tensors = load_file(tmp_path / "f" / "adapter_model.safetensors")
     # what vLLM computes: s = lora_alpha / r for every module; llama.cpp: alpha / (rank of this tensor)
-    for path, layer in lorakit.registry.lora_layers(model):
+    for path, layer in lorakit.model_state.lora_layers(model):
         a = tensors[f"base_model.model.{path}.lora_A.weight"]
         b = tensors[f"base_model.model.{path}.lora_B.weight"]
         assert a.shape[0] == b.shape[1] == 4  # padded to one rank

@@ -54,7 +54,7 @@ def test_adapter_reads_back_as_llama_cpp_applies_it(kwargs, tmp_path):
     assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
     alpha = field(reader, "adapter.lora.alpha")
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
-    layers = dict(lorakit.registry.lora_layers(model))
+    layers = dict(lorakit.model_state.lora_layers(model))
     assert set(tensors) == {f"{gguf_name(p)}.lora_{x}" for p in layers for x in "ab"}
     heads = {"q_proj": 4, "k_proj": 2}  # tiny_llama: 4 attention heads, 2 KV heads
     for path, layer in layers.items():

@@ -34,10 +34,10 @@ def kohya_file(path, unet, text_encoder, seed=0, alpha=None):
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for prefix, model, paths in (("lora_unet_", unet, UNET_MODULES), ("lora_te_", text_encoder, TEXT_MODULES)):
-        for i, path in enumerate(paths):
-            module = model.get_submodule(path)
+        for i, module_path in enumerate(paths):
+            module = model.get_submodule(module_path)
             r = 2 + i % 2
-            name = prefix + ("text_model." + path if prefix == "lora_te_" else path).replace(".", "_")
+            name = prefix + ("text_model." + module_path if prefix == "lora_te_" else module_path).replace(".", "_")
             if isinstance(module, torch.nn.Conv2d):
                 down = torch.randn(r, module.in_channels, *module.kernel_size, generator=g)
                 up = torch.randn(module.out_channels, r, 1, 1, generator=g)
@@ -61,7 +61,7 @@ def test_lorakit_reads_kohya_like_diffusers(tmp_path):
     torch.testing.assert_close(run_unet(unet), run_unet(pipe.unet), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(run_clip(text), run_clip(pipe.text_encoder), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(run_unet(unet), run_unet(tiny_unet()), atol=1e-4)
-    assert sorted(p for p, _ in lorakit.registry.lora_layers(unet)) == sorted(UNET_MODULES)
+    assert sorted(p for p, _ in lorakit.model_state.lora_layers(unet)) == sorted(UNET_MODULES)
 
 
 def test_per_module_alphas_follow_kohya_rule(tmp_path):
@@ -131,4 +131,4 @@ def test_kohya_refusals(tmp_path):
     unet = tiny_unet()
     with pytest.raises(LorakitError, match="lora_unet_no_such_block_to_q.*does not have"):
         load(unet, file)
-    assert not list(lorakit.registry.lora_layers(unet))
+    assert not list(lorakit.model_state.lora_layers(unet))

@@ -41,7 +41,7 @@ def test_peft_adapts_exactly_lorakit_modules_of_a_unet(targets, tmp_path):
     model = lorakit.inject(tiny_unet(), LoraConfig(r=2, alpha=4, target_modules=targets))
     randomize_adapter(model, "default", std=0.3)
     expected = run_unet(model)
-    adapted = {p for p, _ in lorakit.registry.lora_layers(model)}
+    adapted = {p for p, _ in lorakit.model_state.lora_layers(model)}
     config = save_and_read(model, tmp_path)
     fresh = tiny_unet()
     assert {n for n, _ in fresh.named_modules() if n and peft_matches(config["target_modules"], n)} == adapted
@@ -78,7 +78,7 @@ def test_peft_adapts_exactly_lorakit_modules_of_a_sequential(targets, tmp_path):
     randomize_adapter(model, "default", std=0.3)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
     expected = model(x)
-    adapted = {p for p, _ in lorakit.registry.lora_layers(model)}
+    adapted = {p for p, _ in lorakit.model_state.lora_layers(model)}
     config = save_and_read(model, tmp_path)
     assert {n for n, _ in sequential().named_modules() if n and peft_matches(config["target_modules"], n)} == adapted
     peft_model = PeftModel.from_pretrained(sequential(), tmp_path / "a").eval()

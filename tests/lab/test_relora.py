@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, inject
-from lorakit.registry import lora_layers
+from lorakit.model_state import lora_layers
 from lorakit_lab.relora import jagged_factor, merge_and_restart
 
 

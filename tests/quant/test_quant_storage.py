@@ -106,3 +106,14 @@ def test_no_kernels_plan_runs_every_size_dequantized(restore_plan):
     set_plan(ComputePlan("test", {}))
     stored = Int4Weight.quantize(torch.randn(32, 32))
     assert not compute.use_kernel(stored, 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("k", [8, 24, 40, 576])
+def test_int8_kernel_is_right_for_every_width(k):
+    """torch's AVX-512 int8 kernel is wrong for K % 16 != 0: those widths must not reach it."""
+    weight = torch.randn(64, k, generator=torch.Generator().manual_seed(k))
+    stored = Int8Weight.quantize(weight)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    reference = x.bfloat16().float() @ stored.dequantize().t()
+    torch.testing.assert_close(stored.kernel_matmul(x), reference, atol=0.02 * reference.abs().max().item(), rtol=0)
+    assert stored.has_kernel == (k % 16 == 0)

@@ -70,7 +70,7 @@ def build_model(vocab: int, eos: int, seed: int = 0, context: int = 64):
 
 
 def randomize(model, name: str, seed: int) -> None:
-    from lorakit.registry import lora_layers
+    from lorakit.model_state import lora_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

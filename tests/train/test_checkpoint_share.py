@@ -20,7 +20,7 @@ def test_a_share_of_layers_is_checkpointed_and_gradients_stay_the_same():
         layer.self_attn.layer_idx = i
     lorakit.inject(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), seed=0)
     reference = copy.deepcopy(model).train()
-    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     checkpoint_share(model, 0.5)
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [False, True, False, True]
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -178,7 +178,7 @@ def lora_parameters(model, targets, rank: int) -> tuple[int, int]:
 
 def inspect_model(name: str, ranks: list[int]) -> dict[str, Any]:
     from ..layers import is_adaptable
-    from ..registry import walk
+    from ..model_state import walk
     from ..targets import DEFAULT_TARGETS, output_head_names
 
     model = meta_model(name)

@@ -75,7 +75,7 @@ def tensor_name(model: nn.Module, param: str) -> str:
 
 def adapter_tensors(model: nn.Module, name: str) -> tuple[float, dict[str, Tensor]]:
     """(α, {gguf name: tensor}) for adapter `name`: .lora_a / .lora_b pairs as llama.cpp reads them."""
-    from ..registry import adapter_configs, require_adapter
+    from ..model_state import adapter_configs, require_adapter
     from .peft import adapter_state
 
     require_adapter(model, name)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..layers import is_adaptable
-from ..registry import walk
+from ..model_state import walk
 from .diffusers import component_of, legacy_prefix
 from .fold import PREFIX, factor_keys, module_scales, one_alpha
 from .safetensors_file import read_with_metadata

@@ -22,7 +22,7 @@ from ..config import alpha_for_scale
 from ..errors import LorakitError
 from ..io import write_json, write_safetensors
 from ..layers import Embedding, LoraLayer, is_gpt2_conv1d
-from ..registry import adapter_configs, lora_layers, require_adapter, saved_modules, walk
+from ..model_state import adapter_configs, lora_layers, require_adapter, saved_modules, walk
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+KERNEL_K_BLOCK = 16
+
 
 class Int8Weight(nn.Module):
     """A frozen (N x K) weight in 8 bits; `dequantize()` gives it back in fp32."""
 
     kind = "int8"
-    has_kernel = True
 
     def __init__(self, codes: Tensor, scale: Tensor):
         super().__init__()
@@ -45,8 +46,16 @@ class Int8Weight(nn.Module):
         """Rows `ids` of W in fp32 (an embedding lookup), shape ids.shape + (K,)."""
         return self.codes[ids].float() * self.scale[ids].unsqueeze(-1)
 
+    @property
+    def has_kernel(self) -> bool:
+        # torch 2.13's AVX-512 `_weight_int8pack_mm` reads K in blocks of 16: with K % 16 != 0 it returns
+        # garbage or crashes (seen on an AVX-512 Xeon; the AVX2 path is fine), so such weights dequantize
+        return self.shape[1] % KERNEL_K_BLOCK == 0
+
     def kernel_matmul(self, x: Tensor) -> Tensor:
         """x (M, K) @ Wᵀ with torch's int8 weight-only kernel: activations rounded to bf16, fp32 out."""
+        if not self.has_kernel:
+            return x.to(torch.bfloat16).float() @ self.dequantize().t()
         return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scale_bf16).float()
 
     def nbytes(self) -> int:

@@ -29,7 +29,7 @@ from ..errors import LorakitError
 from ..formats import load_adapter
 from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
 from ..layers import rows
-from ..registry import adapter_configs, check_adapter_name, lora_layers
+from ..model_state import adapter_configs, check_adapter_name, lora_layers
 
 log = logging.getLogger("lorakit.serve")
 

@@ -117,7 +117,7 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
             raise LorakitError(
                 f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing"
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.checkpoint_layers < 1:
             checkpoint_share(model, cfg.checkpoint_layers)
     if hasattr(getattr(model, "config", None), "use_cache"):

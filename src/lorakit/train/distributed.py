@@ -51,14 +51,6 @@ class Dist:
         torch.distributed.all_gather(out, local)
         return [t.cpu() for t in out]
 
-    def broadcast_flag(self, flag: bool) -> bool:
-        """Rank 0's value of `flag` everywhere (e.g. "stop now")."""
-        if not self.enabled:
-            return flag
-        tensor = torch.tensor([1 if flag else 0], device=self.device)
-        torch.distributed.broadcast(tensor, 0)
-        return bool(tensor.item())
-
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):

@@ -44,16 +44,14 @@ def shared_length(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    """Whether the model recomputes layers in backward (transformers >= 5.24 renamed the flag)."""
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
+    """Whether the model recomputes layers in backward."""
+    return bool(getattr(model, "is_activation_checkpointing", False))
 
 
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> None:
     """The model on the batch, its first `length` positions computed once (outputs go to the model's
     head as two calls: the prefix's 1 x length positions, then the rows' suffixes)."""
     prefix = model(input_ids=input_ids[:1, :length], attention_mask=attention_mask[:1, :length], use_cache=True)
-    cache = prefix.past_key_values
+    cache = prefix.cache
     cache.batch_repeat_interleave(input_ids.shape[0])
-    model(input_ids=input_ids[:, length:], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    model(input_ids=input_ids[:, length:], attention_mask=attention_mask, cache=cache, use_cache=True)
