@@ -93,6 +93,29 @@ def test_modules_to_save_and_conv_layers_route_per_row():
             torch.testing.assert_close(conv(*inputs), torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_dora_conv_and_embedding_rows_equal_each_row_alone(grad):
+    """DoRA and plain adapters on Conv1d/2d/3d, Embedding and Linear, mixed in one batch (with gradients
+    on, the stack is rebuilt differentiably)."""
+    conv = conv_net()
+    every = ["embed", "conv1d", "conv2d", "conv3d", "head"]
+    lorakit.inject(conv, LoraConfig(r=2, target_modules=every, use_dora=True), name="x")
+    lorakit.inject(conv, LoraConfig(r=3, target_modules=["embed", "conv2d"], use_dora=True), name="y")
+    lorakit.inject(conv, LoraConfig(r=2, target_modules=["embed", "conv3d", "head"]), name="z")
+    for seed, name in enumerate("xyz"):
+        randomize_adapter(conv, name, seed)
+    inputs = conv_inputs(5)
+    names = ["y", "x", None, "z", "x"]
+    with torch.no_grad():
+        expected = []
+        for i, n in enumerate(names):
+            lorakit.set_adapter(conv, n)
+            expected.append(conv(*(t[i : i + 1] for t in inputs)))
+    lorakit.set_trainable(conv, "x")
+    with torch.set_grad_enabled(grad), lorakit.per_row(conv, names):
+        torch.testing.assert_close(conv(*inputs), torch.cat(expected), atol=1e-6, rtol=1e-6)
+
+
 def test_per_row_errors_are_clear():
     model = multi_adapter_llama()
     with pytest.raises(LorakitError, match="no adapter named 'zzz'"):

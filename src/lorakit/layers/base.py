@@ -4,9 +4,18 @@ Every adapted weight is seen as a matrix W (d x k): d outputs, k inputs (a Linea
 GPT-2 Conv1D's weight transposed, an Embedding table transposed, a Conv kernel flattened per output
 channel). Adapter `n` holds A (r x k) and B (d x r) and adds ΔW = s·B·A, s = alpha/r.
 
-Subclasses say how W maps to that matrix view (`_weight_2d`) and write `forward`; this class keeps
-the storage, the initialisations, DoRA's magnitude, merge / unmerge, and the stacked copy of all
-adapters that a mixed batch gathers from (one row per adapter, slot 0 = no adapter).
+Subclasses say how W maps to that matrix view (`_weight_2d`) and how the low-rank term s·B·A·x is
+computed for their input (`_low_rank`); this class keeps the storage, the initialisations, the
+forward template, DoRA, merge / unmerge, and the stacked copy of all adapters that a mixed batch
+gathers from (one row per adapter, slot 0 = no adapter).
+
+DoRA (arXiv:2402.09353) rescales each output channel of the adapted weight to a learned magnitude:
+
+    W' = g ⊙ (W0 + s·B·A),   g = m / ||W0 + s·B·A||   (norm of each output channel's row, detached)
+    h  = W'·x + b = out + (g - 1)·W0·x + g·s·B·A·x     (out = W0·x + b, the base output)
+
+for every kind: a Conv's output channel row spans c_in x kernel, an Embedding's spans the vocabulary
+(W = Eᵀ), as in PEFT.
 """
 
 from __future__ import annotations
@@ -36,10 +45,9 @@ class AdapterSpec:
 class LoraLayer(nn.Module):
     """Base class; holds `base_layer` (frozen) and adapters in ParameterDicts keyed by name."""
 
-    supports_dora = True
-
     def __init__(self, base_layer: nn.Module):
         super().__init__()
+        self.train(base_layer.training)  # a wrapper made inside an eval() model must not start dropping out
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -57,6 +65,25 @@ class LoraLayer(nn.Module):
     def _weight_2d(self) -> Tensor:
         """The base weight as a (d x k) view that shares storage with it."""
         raise NotImplementedError
+
+    def _low_rank(self, x: Tensor, name: str) -> Tensor:
+        """s·B·A·x for adapter `name`, shaped like the base output (in the adapter's dtype)."""
+        raise NotImplementedError
+
+    def _base_product(self, x: Tensor) -> Tensor:
+        """W0·x without the bias (DoRA recomputes it when dropout changed x)."""
+        raise NotImplementedError
+
+    def _add_low_rank(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        """out + s·B·A·x; a kind that can fuse the add into its last matmul overrides this."""
+        return out + self._low_rank(x, name).to(out.dtype)
+
+    def _per_channel(self, v: Tensor) -> Tensor:
+        """A (d,) vector shaped to broadcast over the output's channel axis (the last one, unless overridden)."""
+        return v
+
+    def _dropout(self, x: Tensor, spec: AdapterSpec) -> Tensor:
+        return F.dropout(x, spec.dropout, self.training) if spec.dropout else x
 
     def _a_shape(self, r: int) -> tuple[int, ...]:
         return (r, self.in_dim)
@@ -102,7 +129,7 @@ class LoraLayer(nn.Module):
             self._init_pissa(name)
         if spec.use_dora:
             with torch.no_grad():
-                magnitude = self._weight_2d().float().norm(dim=1).to(dtype)
+                magnitude = self._weight_2d().float().norm(dim=1).to(dtype).reshape(self.magnitude_shape())
             self.lora_magnitude[name] = nn.Parameter(magnitude)
 
     def _init_pair(self, a: Tensor, b: Tensor, spec: AdapterSpec, generator: torch.Generator | None) -> None:
@@ -161,9 +188,6 @@ class LoraLayer(nn.Module):
 
     def refusal(self, spec: AdapterSpec) -> str | None:
         """Why this layer cannot take an adapter like `spec` (None if it can): the one home of these rules."""
-        if spec.use_dora and not self.supports_dora:
-            kind = type(self.base_layer).__name__
-            return f"use_dora is not supported on {kind} layers; exclude it or set use_dora=False"
         if spec.init == "pissa" and self.specs:
             return "init='pissa' rewrites the base weight, so it must be the only adapter on a layer"
         if any(s.init == "pissa" for s in self.specs.values()):
@@ -193,7 +217,8 @@ class LoraLayer(nn.Module):
             self.active = None
 
     def magnitude_shape(self) -> tuple[int, ...]:
-        """Shape of DoRA's magnitude m: one entry per output row of the (d x k) view."""
+        """Shape of DoRA's magnitude m as stored (and saved, PEFT's layout): one entry per output row of
+        the (d x k) view. The one home of this rule: the attach path checks loaded files against it."""
         return (self.out_dim,)
 
     def a_2d(self, name: str) -> Tensor:
@@ -212,13 +237,41 @@ class LoraLayer(nn.Module):
             return None
         return self.active
 
+    # ----- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """out = base(x), plus the live adapter's term; in a mixed batch, each row's own adapter's."""
+        out = self.base_layer(x)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, out)
+        name = self.live_adapter()
+        if name is None:
+            return out
+        spec = self.specs[name]
+        x = self._dropout(x, spec)
+        if spec.use_dora:
+            return out + self.dora_term(x, out, name).to(out.dtype)
+        return self._add_low_rank(out, x, name)
+
+    def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
     # ----- DoRA ------------------------------------------------------------------------------
+    def dora_term(self, x: Tensor, out: Tensor, name: str) -> Tensor:
+        """(g - 1)·W0·x + g·s·B·A·x, what DoRA adds to the base output `out` (module docstring)."""
+        g = self._per_channel(self.dora_scale(name))
+        if self.specs[name].dropout and self.training:  # dropout changed x: W0·x is recomputed on it
+            base = self._base_product(x)
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            base = out if bias is None else out - self._per_channel(bias)
+        return (g - 1) * base + g * self._low_rank(x, name)
+
     def dora_scale(self, name: str) -> Tensor:
-        """m / ||W + s·B·A|| per output row; the norm is detached (DoRA paper, Sec. 4.3)."""
-        weight = self._weight_2d()
+        """g = m / ||W + s·B·A||, a (d,) vector: one per output row; the norm is detached (DoRA paper, Sec. 4.3)."""
+        weight, magnitude = self._weight_2d(), self.lora_magnitude[name].reshape(-1)
         with torch.no_grad():
-            norm = (weight.float() + self.delta_weight(name).float()).norm(dim=1).to(self.lora_magnitude[name].dtype)
-        return self.lora_magnitude[name] / norm
+            norm = (weight.float() + self.delta_weight(name).float()).norm(dim=1).to(magnitude.dtype)
+        return magnitude / norm
 
     # ----- merge -----------------------------------------------------------------------------
     def merge(self, name: str | None = None) -> None:

@@ -3,7 +3,10 @@
 The table E (V x d) is seen as the matrix W = Eᵀ (d x V) acting on one-hot inputs, so
 A is (r x V), B is (d x r) and row i of the table moves by s·(B·A[:, i])ᵀ:
 
-    h = E[ids] + s · Aᵀ[ids] · Bᵀ
+    h = E[ids] + s · Aᵀ[ids] · Bᵀ                                                 (LoRA)
+    h = g ⊙ (E[ids] + s · Aᵀ[ids] · Bᵀ),  g = m / ||Eᵀ + s·B·A|| per row of Eᵀ     (DoRA; base.py)
+
+so DoRA's norm runs over the vocabulary, one per embedding dimension (PEFT's DoraEmbeddingLayer).
 
 As in PEFT, A starts at zero and B random (a lookup of a random A would be too sparse a signal).
 """
@@ -21,8 +24,6 @@ from .base import AdapterSpec, LoraLayer, add_scaled_product
 class Embedding(LoraLayer):
     """Wraps a frozen nn.Embedding."""
 
-    supports_dora = False
-
     def _weight_2d(self) -> Tensor:
         return self.base_layer.weight.T
 
@@ -37,13 +38,16 @@ class Embedding(LoraLayer):
             ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
 
-    def forward(self, ids: Tensor) -> Tensor:
-        out = self.base_layer(ids)
-        if self.row_adapters is not None:
-            return self._forward_rows(ids, out)
-        name = self.live_adapter()
-        if name is None:
-            return out
+    def _dropout(self, ids: Tensor, spec: AdapterSpec) -> Tensor:
+        return ids  # token ids cannot be dropped out (PEFT applies no dropout to embeddings either)
+
+    def _low_rank(self, ids: Tensor, name: str) -> Tensor:
+        return F.linear(self._lookup(ids, self.lora_A[name].T), self.lora_B[name]) * self.specs[name].scale
+
+    def _base_product(self, ids: Tensor) -> Tensor:
+        return self.base_layer(ids)  # E[ids]: ids are never dropped, so this is the base output again
+
+    def _add_low_rank(self, out: Tensor, ids: Tensor, name: str) -> Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
         return add_scaled_product(out, self._lookup(ids, a.T), b, self.specs[name].scale)  # E[ids] + s·Aᵀ[ids]·Bᵀ
 

@@ -1,7 +1,7 @@
 """LoRA for nn.Linear and GPT-2's Conv1D.
 
     h = W0·x + b + s·B·(A·dropout(x))                      (LoRA)
-    h = (m / ||W0 + s·B·A||) ⊙ (W0·x + s·B·A·x) + b          (DoRA, norm per output row)
+    h = (m / ||W0 + s·B·A||) ⊙ (W0·x + s·B·A·x) + b          (DoRA, norm per output row; base.py)
 
 GPT-2's Conv1D is a Linear whose weight is stored transposed (k x d), so only the matrix view
 of its weight differs.
@@ -43,32 +43,16 @@ class Linear(LoraLayer):
     def in_dim(self) -> int:
         return self.base_layer.weight.shape[0] if self.fan_in_fan_out else self.base_layer.in_features
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, out)
-        name = self.live_adapter()
-        if name is None:
-            return out
-        spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
-        if spec.dropout:
-            x = F.dropout(x, spec.dropout, self.training)
-        if spec.use_dora:
-            return self._forward_dora(x, out, name)
-        return add_scaled_product(out, F.linear(x.to(a.dtype), a), b, spec.scale)  # out + s·(x·Aᵀ)·Bᵀ
+    def _low_rank(self, x: Tensor, name: str) -> Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return F.linear(F.linear(x.to(a.dtype), a), b) * self.specs[name].scale  # s·(x·Aᵀ)·Bᵀ
 
-    def _base_without_bias(self, x: Tensor, out: Tensor, recompute: bool) -> Tensor:
-        if recompute:  # dropout changed x, so W0·x must be recomputed on the dropped input
-            return F.linear(x, self._weight_2d().to(x.dtype))
-        bias = getattr(self.base_layer, "bias", None)
-        return out if bias is None else out - bias
+    def _add_low_rank(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return add_scaled_product(out, F.linear(x.to(a.dtype), a), b, self.specs[name].scale)  # one addmm
 
-    def _forward_dora(self, x: Tensor, out: Tensor, name: str) -> Tensor:
-        spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
-        scale = self.dora_scale(name)  # m / ||W0 + s·B·A||
-        base = self._base_without_bias(x, out, recompute=bool(spec.dropout) and self.training)
-        lora = F.linear(F.linear(x.to(a.dtype), a), b) * spec.scale
-        return out + ((scale - 1) * base + scale * lora).to(out.dtype)
+    def _base_product(self, x: Tensor) -> Tensor:
+        return F.linear(x, self._weight_2d().to(x.dtype))
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
         """Each row b uses its own adapter: gather its A and B, then two batched matmuls (rows.py)."""

@@ -280,12 +280,17 @@ def linear_rows(layer, x: Tensor, out: Tensor) -> Tensor:
         if dora is None and out3.dtype == xa.dtype:
             return torch.baddbmm(out3, xa, b_rows).view(out.shape)  # the add fused into the matmul
         delta = torch.bmm(xa, b_rows).view(out.shape)
+    return _add_rows(layer, out, delta, dora, index)
+
+
+def _add_rows(layer, out: Tensor, delta: Tensor, dora: Tensor | None, index: RowIndex) -> Tensor:
+    """out + delta, or with DoRA (some rows' g ≠ 1): out + (g_b - 1)·(out - bias) + g_b·delta, channels last."""
     if dora is None:
         return out + delta.to(out.dtype)
-    scale = dora.index_select(0, index.slots).view(rows, *([1] * (out.dim() - 2)), -1)
+    g = dora.index_select(0, index.slots).view(out.shape[0], *([1] * (out.dim() - 2)), -1)
     bias = getattr(layer.base_layer, "bias", None)
     base = out if bias is None else out - bias
-    return out + ((scale - 1) * base + scale * delta).to(out.dtype)
+    return out + ((g - 1) * base + g * delta).to(out.dtype)
 
 
 def embedding_rows(layer, ids: Tensor, out: Tensor) -> Tensor:
@@ -294,14 +299,15 @@ def embedding_rows(layer, ids: Tensor, out: Tensor) -> Tensor:
     route = _route(layer, rows, ids.device)
     if route is None:
         return out
-    index, a, b_t, _ = route
+    index, a, b_t, dora = route
     xa = a[index.slots[:, None], :, ids.reshape(rows, -1)]  # (rows, tokens, r_max)
     delta = torch.bmm(xa, b_t.index_select(0, index.slots)).view(out.shape)
-    return out + delta.to(out.dtype)
+    return _add_rows(layer, out, delta, dora, index)
 
 
 def conv_rows(layer, x: Tensor, out: Tensor) -> Tensor:
-    """Convolutions have no batched-weight kernel: the rows are grouped by adapter instead."""
+    """Convolutions have no batched-weight kernel: the rows are grouped by adapter instead, and each
+    group gets exactly the term that adapter adds alone (LoRA's or DoRA's)."""
     rows = layer.row_adapters
     if rows is None or len(rows) != x.shape[0]:
         row_slots(layer, {}, x.shape[0], x.device)  # raises the clear error
@@ -310,6 +316,7 @@ def conv_rows(layer, x: Tensor, out: Tensor) -> Tensor:
     result = out
     for name in dict.fromkeys(n for n in rows if n in layer.specs):
         index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-        delta = layer.specs[name].scale * layer._low_rank(x[index], layer.lora_A[name], layer.lora_B[name])
-        result = result.index_add(0, index, delta.to(out.dtype))
+        xs = x[index]
+        term = layer.dora_term(xs, out[index], name) if layer.specs[name].use_dora else layer._low_rank(xs, name)
+        result = result.index_add(0, index, term.to(out.dtype))
     return result
