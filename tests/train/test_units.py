@@ -9,9 +9,9 @@ import torch
 from lorakit import LorakitError
 from lorakit.train import TrainConfig
 from lorakit.train.batches import StepPlan
+from lorakit.train.build import lr_factor
 from lorakit.train.data import IGNORE, Example, collate, encode
 from lorakit.train.objective import loss_sum
-from lorakit.train.trainer import lr_factor
 
 
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 3), ("linear", 2), ("constant", 4)])
@@ -105,8 +105,8 @@ def test_loss_sum_equals_transformers_token_mean(tiny_models):
 def test_csv_and_txt_files_and_classifier_heads(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    from lorakit.train.build import classifier_heads
     from lorakit.train.data import load_rows
-    from lorakit.train.trainer import classifier_heads
 
     (tmp_path / "d.csv").write_text('text,label\n"a good, warm film",1\nslow and dull,0\n')
     assert load_rows(str(tmp_path / "d.csv")) == [

@@ -14,8 +14,6 @@ import contextlib
 import logging
 import math
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +29,12 @@ from ..io import read_json, write_json
 from ..models import load_tokenizer
 from . import checkpoint, distributed
 from .batches import StepPlan, length_groups
-from .build import (  # noqa: F401  (lr_factor, classifier_heads: part of this module's interface)
-    ADAPTER,
-    autocast_for,
-    build_model,
-    check_out,
-    check_resumable,
-    classifier_heads,
-    lr_factor,
-    param_groups,
-    rng_states,
-)
+from .build import ADAPTER, autocast_for, build_model, check_out, check_resumable, lr_factor, param_groups, rng_states
 from .config import TrainConfig
 from .data import collate, prepare
 from .metrics import MetricsLog
 from .objective import evaluate, loss_sum
+from .stop import StopOnCtrlC
 
 log = logging.getLogger("lorakit.train")
 
@@ -68,29 +57,6 @@ class TrainResult:
     run: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
-
-
-class _StopFlag:
-    """First Ctrl-C asks for a clean stop at the end of the step; the second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stopping after this step (Ctrl-C again to stop at once)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -329,7 +295,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist, started: float) -> TrainRes
     )
     step, last_eval = run.start_step, None
     total_tokens, train_seconds = 0, 0.0
-    with _StopFlag() as stop:
+    with StopOnCtrlC() as stop:
         while step < run.max_steps:
             try:
                 stats = _step(run, step, stop.requested)
