@@ -47,10 +47,24 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="prompt tokens prefilled per step (default 2048)",
     )
+    add_limit_arguments(p)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     add_base_dtype_argument(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=run)
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per serve.limits.Limits field, with its default and help; Limits validates the values."""
+    from dataclasses import fields
+
+    from ..serve.limits import Limits, flag
+
+    for f in fields(Limits):
+        kind = float if f.type == "float" else int
+        p.add_argument(
+            flag(f.name), type=kind, default=f.default, metavar="N", help=f"{f.metadata['help']} (default {f.default})"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import LorakitError
     from ..models import load_model, load_tokenizer
-    from ..serve import create_server
+    from ..serve import Limits, create_server
     from .common import quiet_transformers
 
     logging.basicConfig(
@@ -71,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError(
             f"--adapters {args.adapters} is not a folder; give the folder that holds one subfolder per adapter"
         )
+    limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})  # refuses bad values first
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.name or (Path(args.model).name if Path(args.model).exists() else args.model)  # a folder or .gguf
@@ -87,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_adapters=args.max_adapters,
         max_prefill_tokens=args.max_prefill_tokens,
+        limits=limits,
     )
     adapters = server.app.engine.adapters
     count = len(adapters.available()) if adapters is not None else 0

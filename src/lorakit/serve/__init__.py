@@ -6,7 +6,9 @@ batching over mixed-adapter batches.
     sampling.py       greedy / temperature / top_p, seeded per request
     text.py           token ids to streamed text, stop strings
     protocol.py       OpenAI request parsing, response and error shapes
-    server.py         the HTTP routes (standard library ThreadingHTTPServer)
+    limits.py         the caps on one request (body, headers, JSON depth, prompts, timeouts)
+    http.py           reading a request within the limits; every error answered as OpenAI JSON
+    server.py         the routes (standard library ThreadingHTTPServer)
 
     server = lorakit.serve.create_server(model, tokenizer, "adapters/", name="smollm2")
     server.serve_forever()
@@ -20,6 +22,7 @@ from torch import nn
 
 from .adapter_cache import AdapterBusy, AdapterCache, UnknownAdapter
 from .engine import ContextTooLong, Engine, Request
+from .limits import Limits
 from .sampling import SamplingParams
 from .server import App, Server
 
@@ -45,6 +48,7 @@ def create_server(
     max_batch: int = 32,
     max_adapters: int = 32,
     max_prefill_tokens: int = 2048,
+    limits: Limits | None = None,
 ) -> Server:
     """A ready server (engine thread running); call serve_forever(), and close() when done."""
     cache = AdapterCache(model, adapters, capacity=max_adapters) if adapters is not None else None
@@ -53,7 +57,7 @@ def create_server(
     engine = Engine(
         model, cache, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, eos_token_ids=eos, pad_token_id=pad
     )
-    server = Server(App(engine, tokenizer, name, aliases), host, port)
+    server = Server(App(engine, tokenizer, name, aliases), host, port, limits)
     engine.start()
     return server
 
@@ -64,6 +68,7 @@ __all__ = [
     "App",
     "ContextTooLong",
     "Engine",
+    "Limits",
     "Request",
     "SamplingParams",
     "Server",

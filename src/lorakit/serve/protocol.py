@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import LorakitError
+from .limits import Limits, flag
 from .sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -26,18 +27,20 @@ UNSUPPORTED = {
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}  # extra HTTP headers of the answer (Allow: for a 405)
 
     def body(self) -> dict:
-        kind = {
-            400: "invalid_request_error",
-            404: "invalid_request_error",
-            409: "invalid_request_error",
-            413: "invalid_request_error",
-            503: "server_error",
-        }.get(self.status, "server_error")
+        kind = "invalid_request_error" if 400 <= self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -70,11 +73,13 @@ def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
         raise ApiError(400, "the request body must be a JSON object")
     model = _field(body, "model", (str,), required=True)
     for name, fine in UNSUPPORTED.items():
-        if body.get(name) not in fine:
+        value = body.get(name)
+        if not any(type(value) is type(f) and value == f for f in fine):  # strict: true is not 1
             raise ApiError(400, f"'{name}' is not supported by lorakit serve; leave it out", param=name)
     max_tokens = _field(body, "max_tokens", (int,))
-    if chat and max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", (int,))
+    if chat:  # the newer name; both are checked, max_tokens wins
+        completion_tokens = _field(body, "max_completion_tokens", (int,))
+        max_tokens = completion_tokens if max_tokens is None else max_tokens
     if not chat and max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
     sampling = {
@@ -90,10 +95,10 @@ def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
         raise ApiError(400, str(err), param=str(err).split("=")[0]) from None
     stream = _field(body, "stream", (bool,), False)
     options = _field(body, "stream_options", (dict,), {})
-    return model, sampling, stream, bool(options.get("include_usage"))
+    return model, sampling, stream, _field(options, "include_usage", (bool,), False)
 
 
-def parse_completion(body: object) -> Job:
+def parse_completion(body: object, limits: Limits) -> Job:
     model, sampling, stream, usage = _common(body, chat=False)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (
@@ -112,10 +117,17 @@ def parse_completion(body: object) -> Job:
         raise ApiError(400, "'prompt' must be a non-empty string, a list of strings, or token ids", param="prompt")
     if stream and len(prompts) > 1:
         raise ApiError(400, "streaming takes one prompt per request", param="prompt")
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(
+            400,
+            f"{len(prompts)} prompts in one request; this server takes at most {limits.max_prompts} "
+            f"({flag('max_prompts')}): split them over several requests",
+            param="prompt",
+        )
     return Job(model, prompts, False, sampling, stream, usage)
 
 
-def parse_chat(body: object) -> Job:
+def parse_chat(body: object, limits: Limits) -> Job:
     model, sampling, stream, usage = _common(body, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

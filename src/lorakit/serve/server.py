@@ -9,8 +9,9 @@ HTTP threads only parse, tokenize and stream text back).
     POST /v1/adapters/unload      {"name": "<adapter>"}   free it (409 while requests use it)
     GET  /health
 
-The request's `model` names the adapter; the base model's own name means no adapter. Errors
-are OpenAI-shaped JSON: unknown adapter 404, malformed body or too long a prompt 400.
+The request's `model` names the adapter; the base model's own name means no adapter. Requests
+are read within the Limits by http.JsonHandler, which also answers every error as OpenAI-shaped
+JSON (unknown adapter 404, malformed body or too long a prompt 400, ...).
 No extra dependency: http.server is enough for a local multi-adapter server, and keeps the
 package light (an ASGI stack would add several packages for no gain at this scale).
 """
@@ -21,19 +22,20 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from ..errors import LorakitError
 from . import protocol
 from .adapter_cache import AdapterBusy, UnknownAdapter
 from .engine import ContextTooLong, Engine, EngineStopped
+from .http import JsonHandler
+from .limits import Limits
 from .protocol import ApiError, Job
 from .sampling import SamplingParams
 from .text import TextStream
 
 log = logging.getLogger("lorakit.serve")
-MAX_BODY = 8 * 1024 * 1024
 
 
 class App:
@@ -75,13 +77,17 @@ class App:
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return list(prompt)
-        with self._tokenizer_lock:
-            if isinstance(prompt, list):  # chat messages
-                if getattr(self.tokenizer, "chat_template", None):
-                    text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-                    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
-            return self.tokenizer(prompt)["input_ids"]
+        try:
+            with self._tokenizer_lock:
+                if isinstance(prompt, list):  # chat messages
+                    if getattr(self.tokenizer, "chat_template", None):
+                        text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+                        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+                return self.tokenizer(prompt)["input_ids"]
+        except Exception as err:  # the input alone decides (a chat template's raise_exception, ...): a 400
+            log.warning("tokenizing a request failed: %s: %s", type(err).__name__, err)
+            raise ApiError(400, f"the prompt cannot be tokenized: {type(err).__name__}: {str(err)[:200]}") from None
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
@@ -189,9 +195,7 @@ class App:
             )
         return {"object": "list", "data": data}
 
-    def manage(self, action: str, body: object) -> dict:
-        if not isinstance(body, dict):
-            raise ApiError(400, 'the request body must be a JSON object like {"name": "my-adapter"}')
+    def manage(self, action: str, body: dict) -> dict:
         if any(k in body for k in ("path", "lora_path")):
             raise ApiError(
                 400, 'adapters load by name from the server\'s adapters directory only; send {"name": ...}', "path"
@@ -216,73 +220,43 @@ class App:
             raise ApiError(400, str(err), "name") from None
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
-    server_version = "lorakit"
+class Handler(JsonHandler):
+    """The routes; reading, limits and error answers are JsonHandler's (http.py)."""
+
+    routes = {
+        "/v1/completions": {"POST": "completions"},
+        "/v1/chat/completions": {"POST": "chat_completions"},
+        "/v1/models": {"GET": "models"},
+        "/v1/adapters/load": {"POST": "load"},
+        "/v1/adapters/unload": {"POST": "unload"},
+        "/health": {"GET": "health"},
+    }
 
     @property
     def app(self) -> App:
         return self.server.app
 
-    def log_message(self, format: str, *args) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
+    def completions(self) -> None:
+        self._generate(protocol.parse_completion(self.read_json(), self.limits))
 
-    def do_GET(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/v1/models":
-            self._guard(lambda: self._json(200, self.app.models()))
-        elif path == "/health":
-            self._json(200, {"status": "ok"})
-        else:
-            self._error(ApiError(404, f"no route GET {path}; try /v1/models"))
+    def chat_completions(self) -> None:
+        self._generate(protocol.parse_chat(self.read_json(), self.limits))
 
-    def do_POST(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
-        routes = {"/v1/completions": protocol.parse_completion, "/v1/chat/completions": protocol.parse_chat}
-        if path in routes:
-            self._guard(lambda: self._generate(routes[path](self._body())))
-        elif path in ("/v1/adapters/load", "/v1/adapters/unload"):
-            action = path.rsplit("/", 1)[1]
-            self._guard(lambda: self._json(200, self.app.manage(action, self._body())))
-        else:
-            self._drain()
-            self._error(ApiError(404, f"no route POST {path}; try /v1/completions or /v1/chat/completions"))
+    def models(self) -> None:
+        self.send_json(200, self.app.models())
 
-    # ----- plumbing --------------------------------------------------------------------------
-    def _guard(self, action) -> None:
-        try:
-            action()
-        except ApiError as err:
-            self._error(err)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as err:  # a bug answers 500 with one line, never a traceback to the client
-            log.exception("request failed")
-            self._error(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+    def load(self) -> None:
+        self.send_json(200, self.app.manage("load", self.read_json()))
 
-    def _drain(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= MAX_BODY:
-            self.rfile.read(length)
+    def unload(self) -> None:
+        self.send_json(200, self.app.manage("unload", self.read_json()))
 
-    def _body(self) -> object:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "the request needs a Content-Length header with the JSON body's size") from None
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise ApiError(413, f"the request body is {length} bytes; the limit is {MAX_BODY}")
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    def health(self) -> None:
+        self.send_json(200, {"status": "ok"})
 
     def _generate(self, job: Job) -> None:
         if not job.stream:
-            self._json(200, self.app.complete(job))
+            self.send_json(200, self.app.complete(job))
             return
         events = self.app.stream(job)
         first = next(events)  # errors before the first byte still get a proper JSON error status
@@ -292,35 +266,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            self._chunk(f"data: {json.dumps(first)}\n\n")
+            self.send_chunk(f"data: {json.dumps(first)}\n\n")
             for event in events:
-                self._chunk(f"data: {json.dumps(event)}\n\n")
+                self.send_chunk(f"data: {json.dumps(event)}\n\n")
         except ApiError as err:  # the stream already started: report in-band, as OpenAI does
-            self._chunk(f"data: {json.dumps(err.body())}\n\n")
+            self.send_chunk(f"data: {json.dumps(err.body())}\n\n")
         finally:
             events.close()
-        self._chunk("data: [DONE]\n\n")
+        self.send_chunk("data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-
-    def _chunk(self, text: str) -> None:
-        data = text.encode()
-        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, err: ApiError) -> None:
-        try:
-            self._json(err.status, err.body())
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
 
 
 class Server(ThreadingHTTPServer):
@@ -328,8 +283,9 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024  # the listen backlog: many clients connecting at once must not be refused
 
-    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000):
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None):
         self.app = app
+        self.limits = limits or Limits()
         try:
             super().__init__((host, port), Handler)
         except OSError as err:
