@@ -91,3 +91,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         f"lorakit serve: error: --adapters {tmp_path / 'missing'} is not a folder; give the folder that holds one "
         "subfolder per adapter"
     ]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [("--max-prompts", "0", "an integer from 1 to 65536"), ("--read-timeout", "nan", "seconds above 0, at most 3600")],
+)
+def test_cli_limits_are_checked_before_loading(tmp_path, flag, value, allowed):
+    result = subprocess.run(
+        [*LORAKIT, "serve", "--model", str(tmp_path / "no-model"), flag, value], capture_output=True, text=True
+    )
+    field = flag[2:].replace("-", "_")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"lorakit serve: error: {field}={float(value) if 'timeout' in flag else int(value)!r} is invalid ({flag}): "
+        f"use {allowed}"
+    ]
