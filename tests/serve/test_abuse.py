@@ -234,7 +234,7 @@ VALID = {
     "stream_options": [{}, {"a": 1}],
     "n": [],
     "best_of": [],
-    "echo": [],
+    "echo": [True],
     "logprobs": [],
     "suffix": [""],
     "tools": [[]],
@@ -279,10 +279,26 @@ def body_cases() -> list[tuple[str, bytes]]:
         ("/v1/completions", json.dumps({**GOOD, "prompt": [[]]}).encode()),
         ("/v1/completions", json.dumps({**GOOD, "prompt": "hello " * 200}).encode()),  # over the context
         ("/v1/completions", json.dumps({**GOOD, "max_tokens": 10**6}).encode()),
-        ("/v1/completions", json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "stop": ["s"] * 17}).encode()),
         ("/v1/completions", json.dumps({**GOOD, "stop": [""]}).encode()),
         ("/v1/completions", json.dumps({**GOOD, "stream_options": {"include_usage": "yes"}}).encode()),
         ("/v1/adapters/load", json.dumps({"name": "sql", "path": "/etc"}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "n": 0}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "n": LIMITS.max_prompts + 1}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "n": 3, "prompt": ["a", "b", "c"]}).encode()),  # 9 > 8 generations
+        ("/v1/completions", json.dumps({**GOOD, "logprobs": LIMITS.max_logprobs + 1}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "logprobs": 1, "stream": True}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "n": 2, "stream": True}).encode()),
+        ("/v1/completions", json.dumps({**GOOD, "echo": True, "stream": True}).encode()),
+        (
+            "/v1/completions",
+            json.dumps({**GOOD, "max_tokens": 0, "prompt": [10**6], "echo": True, "logprobs": 1}).encode(),
+        ),
+        ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "echo": True}).encode()),
+        ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "top_logprobs": 2}).encode()),
+        ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "logprobs": 1}).encode()),
+        ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "logprobs": True, "top_logprobs": -1}).encode()),
+        ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "logprobs": True, "top_logprobs": 10**6}).encode()),
         ("/v1/adapters/unload", json.dumps({"name": "poet"}).encode()),  # not loaded
     ]
     return cases

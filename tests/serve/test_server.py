@@ -179,7 +179,7 @@ def test_errors_are_openai_shaped(served, tmp_path):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="sql", prompt="x", max_tokens=2, temperature=5)
     with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.completions.create(model="sql", prompt="x", max_tokens=2, n=2)
+        client.completions.create(model="sql", prompt="x", max_tokens=2, best_of=3)
 
     status, body = post(server, "/v1/completions", b"{not json")
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]

@@ -49,8 +49,10 @@ def test_sampling_params_validation():
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": -0.1}, "top_p"),
         ({"stop": ["a", ""]}, "stop"),
-        ({"stop": list("abcde")}, "stop"),
+        ({"stop": ["s"] * 17}, "stop"),
         ({"seed": "1"}, "seed"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
     ):
         with pytest.raises(LorakitError, match=match):
             SamplingParams(**bad)

@@ -6,7 +6,9 @@ batching over mixed-adapter batches.
     sampling.py       greedy / temperature / top_p, seeded per request
     text.py           token ids to streamed text, stop strings
     protocol.py       OpenAI request parsing, response and error shapes
+    logprobs.py       log-probabilities of generated and prompt tokens, in OpenAI's two shapes
     limits.py         the caps on one request (body, headers, JSON depth, prompts, timeouts)
+    app.py            what the routes do: n generations per prompt, echo, logprobs, adapters
     http.py           reading a request within the limits; every error answered as OpenAI JSON
     server.py         the routes (standard library ThreadingHTTPServer)
 
@@ -21,10 +23,11 @@ from pathlib import Path
 from torch import nn
 
 from .adapter_cache import AdapterBusy, AdapterCache, UnknownAdapter
+from .app import App
 from .engine import ContextTooLong, Engine, Request
 from .limits import Limits
 from .sampling import SamplingParams
-from .server import App, Server
+from .server import Server
 
 
 def eos_ids(model: nn.Module, tokenizer) -> list[int]:

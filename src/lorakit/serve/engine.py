@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..errors import LorakitError
 from ..mixed_batch import per_row
 from .adapter_cache import AdapterCache
+from .logprobs import token_logprobs
 from .sampling import SamplingParams, sample_rows
 
 log = logging.getLogger("lorakit.serve")
@@ -46,7 +47,8 @@ class EngineStopped(LorakitError):
 
 @dataclass(eq=False)
 class Request:
-    """One generation. The engine puts ("token", id), then ("done", reason) or ("error", message)."""
+    """One generation. The engine puts ("token", id) (after ("logprobs", (id, logprob, top)) when
+    params.logprobs is set), then ("done", reason) or ("error", message)."""
 
     prompt: list[int]
     adapter: str | None
@@ -60,11 +62,12 @@ class Request:
         self.cancelled.set()
 
     def __iter__(self):
-        """Yields ("token", id) events, then one final ("done", reason) or ("error", message)."""
+        """Yields ("token", id) events (each after its ("logprobs", ...) when asked for), then one final
+        ("done", reason) or ("error", message)."""
         while True:
             kind, value = self.events.get()
             yield kind, value
-            if kind != "token":
+            if kind in ("done", "error"):
                 return
 
 
@@ -136,19 +139,23 @@ class Engine:
         self._check_cache_layout()
 
     # ----- public ----------------------------------------------------------------------------
-    def submit(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> Request:
-        """Queue a request; raises LorakitError (bad input) before anything is queued."""
+    def check(self, prompt: list[int], max_tokens: int) -> None:
+        """Refuse a prompt this model cannot run (LorakitError, ContextTooLong) before anything is queued."""
         if not prompt:
             raise LorakitError("the prompt is empty; send at least one token of text")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab for t in prompt):
             raise LorakitError(f"prompt token ids must be integers from 0 to {self.vocab - 1}")
-        if len(prompt) + params.max_tokens > self.context:
+        if len(prompt) + max_tokens > self.context:
             raise ContextTooLong(
-                f"this model's maximum context length is {self.context} tokens, but {len(prompt) + params.max_tokens} "
+                f"this model's maximum context length is {self.context} tokens, but {len(prompt) + max_tokens} "
                 "were "
-                f"requested ({len(prompt)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt or "
+                f"requested ({len(prompt)} in the prompt, {max_tokens} in max_tokens); shorten the prompt or "
                 "lower max_tokens"
             )
+
+    def submit(self, prompt: list[int], adapter: str | None, params: SamplingParams) -> Request:
+        """Queue a request; raises LorakitError (bad input) before anything is queued."""
+        self.check(prompt, params.max_tokens)
         if self._stopping:
             raise EngineStopped("the server is shutting down")
         if adapter is not None:
@@ -271,6 +278,7 @@ class Engine:
 
     def _accept(self, rows: list[_Row], logits: Tensor) -> None:
         tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        self._put_logprobs(rows, logits, tokens)
         for row, token in zip(rows, tokens):
             request = row.request
             if request.cancelled.is_set():
@@ -284,6 +292,14 @@ class Engine:
                 self.stats["tokens"] += 1
                 if row.produced >= request.params.max_tokens or row.length + 1 >= self.context:
                     row.finished = "length"
+
+    @staticmethod
+    def _put_logprobs(rows: list[_Row], logits: Tensor, tokens: list[int]) -> None:
+        """For rows that asked (params.logprobs), a ("logprobs", (token, logprob, top)) event before the
+        token's own, also for an end-of-sequence token (scorers such as lm-eval count it)."""
+        for i, row in enumerate(rows):
+            if row.request.params.logprobs is not None:
+                row.request.events.put(("logprobs", token_logprobs(logits[i], tokens[i], row.request.params.logprobs)))
 
     # ----- the KV cache ----------------------------------------------------------------------
     def _splice(self, cache, mask: Tensor) -> None:

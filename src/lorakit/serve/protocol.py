@@ -15,10 +15,7 @@ from .sampling import SamplingParams
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI fields lorakit does not implement -> the values that mean "not used", which are accepted
 UNSUPPORTED = {
-    "n": (None, 1),
     "best_of": (None, 1),
-    "echo": (None, False),
-    "logprobs": (None, False, 0),
     "suffix": (None, ""),
     "tools": (None, []),
 }
@@ -54,6 +51,9 @@ class Job:
     sampling: dict  # SamplingParams fields; max_tokens may be None (= the rest of the context)
     stream: bool
     include_usage: bool
+    n: int = 1  # choices per prompt
+    echo: bool = False  # completions: the prompt starts each choice's text (and its logprobs)
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs at all
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, required: bool = False):
@@ -68,9 +68,8 @@ def _field(body: dict, name: str, kinds: tuple, default=None, required: bool = F
     return value
 
 
-def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+def _common(body: dict, chat: bool, limits: Limits) -> dict:
+    """The fields both APIs share, checked: the Job's keyword arguments but for prompts."""
     model = _field(body, "model", (str,), required=True)
     for name, fine in UNSUPPORTED.items():
         value = body.get(name)
@@ -82,24 +81,56 @@ def _common(body: object, chat: bool) -> tuple[str, dict, bool, bool]:
         max_tokens = completion_tokens if max_tokens is None else max_tokens
     if not chat and max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
+    n, echo, logprobs = _choices(body, chat, limits)
     sampling = {
         "max_tokens": max_tokens,
         "temperature": _field(body, "temperature", (int, float), 1.0),
         "top_p": _field(body, "top_p", (int, float), 1.0),
         "stop": _field(body, "stop", (str, list), []),
         "seed": _field(body, "seed", (int,)),
+        "logprobs": logprobs,
     }
-    try:  # validate now (with a stand-in max_tokens when it depends on the prompt)
+    if max_tokens is not None and max_tokens < 0:
+        raise ApiError(400, f"max_tokens={max_tokens} is invalid: use an integer >= 0", param="max_tokens")
+    try:  # validate now (with a stand-in max_tokens: 0 means no generation, None depends on the prompt)
         SamplingParams(**{**sampling, "max_tokens": sampling["max_tokens"] or 1})
     except LorakitError as err:
         raise ApiError(400, str(err), param=str(err).split("=")[0]) from None
     stream = _field(body, "stream", (bool,), False)
+    if stream and (n > 1 or echo or logprobs is not None):
+        raise ApiError(400, "n > 1, echo and logprobs need stream: false", param="stream")
     options = _field(body, "stream_options", (dict,), {})
-    return model, sampling, stream, _field(options, "include_usage", (bool,), False)
+    usage = _field(options, "include_usage", (bool,), False)
+    return dict(model=model, sampling=sampling, stream=stream, include_usage=usage, n=n, echo=echo, logprobs=logprobs)
 
 
-def parse_completion(body: object, limits: Limits) -> Job:
-    model, sampling, stream, usage = _common(body, chat=False)
+def _choices(body: dict, chat: bool, limits: Limits) -> tuple[int, bool, int | None]:
+    """n, echo and logprobs (completions: an int k; chat: logprobs true + top_logprobs k)."""
+    n = _field(body, "n", (int,), 1)
+    if not 1 <= n <= limits.max_prompts:
+        raise ApiError(400, f"n={n} is invalid: use 1 to {limits.max_prompts} ({flag('max_prompts')})", param="n")
+    echo = _field(body, "echo", (bool,), False)
+    if chat:
+        if echo:
+            raise ApiError(400, "echo is a completions option; chat answers never repeat the messages", param="echo")
+        top = _field(body, "top_logprobs", (int,))
+        if _field(body, "logprobs", (bool,), False):
+            logprobs, name = top or 0, "top_logprobs"
+        elif top is not None:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        else:
+            logprobs = None
+    else:
+        logprobs, name = _field(body, "logprobs", (int,)), "logprobs"
+    if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
+        raise ApiError(
+            400, f"{name}={logprobs} is invalid: use 0 to {limits.max_logprobs} ({flag('max_logprobs')})", param=name
+        )
+    return n, echo, logprobs
+
+
+def parse_completion(body: dict, limits: Limits) -> Job:
+    common = _common(body, False, limits)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
@@ -115,20 +146,20 @@ def parse_completion(body: object, limits: Limits) -> Job:
         prompts = list(prompt)
     else:
         raise ApiError(400, "'prompt' must be a non-empty string, a list of strings, or token ids", param="prompt")
-    if stream and len(prompts) > 1:
+    if common["stream"] and len(prompts) > 1:
         raise ApiError(400, "streaming takes one prompt per request", param="prompt")
-    if len(prompts) > limits.max_prompts:
+    if len(prompts) * common["n"] > limits.max_prompts:
         raise ApiError(
             400,
-            f"{len(prompts)} prompts in one request; this server takes at most {limits.max_prompts} "
-            f"({flag('max_prompts')}): split them over several requests",
+            f"{len(prompts)} prompts x n={common['n']} generations in one request; this server takes at most "
+            f"{limits.max_prompts} ({flag('max_prompts')}): split them over several requests",
             param="prompt",
         )
-    return Job(model, prompts, False, sampling, stream, usage)
+    return Job(prompts=prompts, chat=False, **common)
 
 
-def parse_chat(body: object, limits: Limits) -> Job:
-    model, sampling, stream, usage = _common(body, chat=True)
+def parse_chat(body: dict, limits: Limits) -> Job:
+    common = _common(body, True, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -148,7 +179,7 @@ def parse_chat(body: object, limits: Limits) -> Job:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         clean.append({"role": message["role"], "content": content})
-    return Job(model, [clean], True, sampling, stream, usage)
+    return Job(prompts=[clean], chat=True, **common)
 
 
 # ----- responses --------------------------------------------------------------------------------
@@ -164,17 +195,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def response(job: Job, rid: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict:
-    """The whole answer; `choices` is [(text, finish_reason)]."""
+def response(job: Job, rid: str, choices: list[tuple], prompt_tokens: int, completion_tokens: int) -> dict:
+    """The whole answer; `choices` is [(text, finish_reason, logprobs object or None)], in index order."""
     if job.chat:
         items = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason}
+            for i, (text, reason, lp) in enumerate(choices)
         ]
     else:
         items = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)
+            {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+            for i, (text, reason, lp) in enumerate(choices)
         ]
     return {
         "id": rid,

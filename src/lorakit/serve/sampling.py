@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ..errors import LorakitError
 
+MAX_STOP = 16  # OpenAI takes 4; lm-eval's generate_until sends its task's stop strings plus the EOS text
+
 
 @dataclass
 class SamplingParams:
@@ -26,6 +28,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -39,11 +42,17 @@ class SamplingParams:
         if (
             not isinstance(self.stop, list)
             or not all(isinstance(s, str) and s for s in self.stop)
-            or len(self.stop) > 4
+            or len(self.stop) > MAX_STOP
         ):
-            raise LorakitError(f"stop={self.stop!r} is invalid: use a non-empty string or a list of up to 4 of them")
+            raise LorakitError(
+                f"stop={self.stop!r} is invalid: use a non-empty string or a list of up to {MAX_STOP} of them"
+            )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise LorakitError(f"seed={self.seed!r} is invalid: use an integer")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0
+        ):
+            raise LorakitError(f"logprobs={self.logprobs!r} is invalid: use an integer >= 0")
 
     @property
     def greedy(self) -> bool:

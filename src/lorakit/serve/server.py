@@ -2,8 +2,10 @@
 ThreadingHTTPServer (one thread per connection; the engine thread does all model work, so the
 HTTP threads only parse, tokenize and stream text back).
 
-    POST /v1/completions          {"model": "<adapter or base name>", "prompt": ..., "stream": ...}
-    POST /v1/chat/completions     {"model": ..., "messages": [...], "stream": ...}   (SSE when streaming)
+    POST /v1/completions          {"model": "<adapter or base name>", "prompt": ..., "stream": ...,
+                                   "n", "echo", "logprobs": k}
+    POST /v1/chat/completions     {"model": ..., "messages": [...], "stream": ..., "n", "logprobs": true,
+                                   "top_logprobs": k}   (SSE when streaming)
     GET  /v1/models               the base model and every adapter in the adapters directory
     POST /v1/adapters/load        {"name": "<adapter>"}   load now (else loaded on first use)
     POST /v1/adapters/unload      {"name": "<adapter>"}   free it (409 while requests use it)
@@ -20,204 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 from ..errors import LorakitError
 from . import protocol
-from .adapter_cache import AdapterBusy, UnknownAdapter
-from .engine import ContextTooLong, Engine, EngineStopped
+from .app import App
 from .http import JsonHandler
 from .limits import Limits
 from .protocol import ApiError, Job
-from .sampling import SamplingParams
-from .text import TextStream
 
 log = logging.getLogger("lorakit.serve")
-
-
-class App:
-    """What the routes do, independent of HTTP plumbing."""
-
-    def __init__(self, engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ...] = ()):
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.base_name = base_name
-        self.base_names = {base_name, *aliases}
-        self.started = int(time.time())
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
-
-    # ----- helpers ---------------------------------------------------------------------------
-    def adapter_for(self, model: str) -> str | None:
-        if model in self.base_names:
-            return None
-        if self.engine.adapters is None:
-            raise ApiError(
-                404,
-                f"model '{model}' does not exist; this server has only '{self.base_name}'",
-                "model",
-                "model_not_found",
-            )
-        try:
-            self.engine.adapters.folder(model)
-        except UnknownAdapter:
-            raise ApiError(
-                404,
-                f"model '{model}' does not exist: it is neither the base model '{self.base_name}' nor an adapter "
-                "in the adapters directory (GET /v1/models lists them)",
-                "model",
-                "model_not_found",
-            ) from None
-        except LorakitError as err:
-            raise ApiError(400, str(err), "model") from None
-        return model
-
-    def encode(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return list(prompt)
-        try:
-            with self._tokenizer_lock:
-                if isinstance(prompt, list):  # chat messages
-                    if getattr(self.tokenizer, "chat_template", None):
-                        text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-                        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
-                return self.tokenizer(prompt)["input_ids"]
-        except Exception as err:  # the input alone decides (a chat template's raise_exception, ...): a 400
-            log.warning("tokenizing a request failed: %s: %s", type(err).__name__, err)
-            raise ApiError(400, f"the prompt cannot be tokenized: {type(err).__name__}: {str(err)[:200]}") from None
-
-    def decode(self, ids: list[int]) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def submit(self, job: Job) -> list[tuple[object, list[int], TextStream]]:
-        """Tokenize and queue every prompt of `job`: [(engine request, prompt ids, text stream)]."""
-        adapter = self.adapter_for(job.model)
-        encoded = [self.encode(p) for p in job.prompts]
-        submitted = []
-        try:
-            for ids in encoded:
-                max_tokens = job.sampling["max_tokens"]
-                if max_tokens is None:  # chat without a limit: the rest of the context
-                    max_tokens = max(1, self.engine.context - len(ids))
-                params = SamplingParams(**{**job.sampling, "max_tokens": max_tokens})
-                request = self.engine.submit(ids, adapter, params)
-                submitted.append((request, ids, TextStream(self.decode, params.stop)))
-        except ContextTooLong as err:
-            self._cancel(submitted)
-            raise ApiError(400, str(err), "messages" if job.chat else "prompt", "context_length_exceeded") from None
-        except UnknownAdapter as err:
-            self._cancel(submitted)
-            raise ApiError(404, str(err), "model", "model_not_found") from None
-        except EngineStopped as err:
-            self._cancel(submitted)
-            raise ApiError(503, str(err)) from None
-        except LorakitError as err:
-            self._cancel(submitted)
-            raise ApiError(400, str(err)) from None
-        return submitted
-
-    @staticmethod
-    def _cancel(submitted) -> None:
-        for request, _, _ in submitted:
-            request.cancel()
-
-    @staticmethod
-    def events(request, stream: TextStream):
-        """Text deltas of one request, then its finish reason: yields (delta, None)... (tail, reason)."""
-        reason = None
-        for kind, value in request:
-            if kind == "token":
-                delta, stopped = stream.push(value)
-                if stopped and reason is None:
-                    reason = "stop"
-                    request.cancel()  # the engine drops the row at its next step
-                if delta:
-                    yield delta, None
-            elif kind == "done":
-                yield stream.finish(), reason or ("length" if value == "length" else "stop")
-            else:
-                raise ApiError(500, value)
-
-    # ----- routes ----------------------------------------------------------------------------
-    def complete(self, job: Job) -> dict:
-        submitted = self.submit(job)
-        choices, produced = [], 0
-        try:
-            for request, _, stream in submitted:
-                text, reason = "", None
-                for delta, finish in self.events(request, stream):
-                    text += delta
-                    reason = finish or reason
-                choices.append((text, reason))
-                produced += len(stream.ids)
-        finally:
-            self._cancel(submitted)
-        prompt_tokens = sum(len(ids) for _, ids, _ in submitted)
-        return protocol.response(job, protocol.new_id(job.chat), choices, prompt_tokens, produced)
-
-    def stream(self, job: Job):
-        """Server-sent event payloads (dicts), ending with the finish chunk (and usage if asked)."""
-        [(request, ids, stream)] = self.submit(job)
-        rid = protocol.new_id(job.chat)
-        try:
-            first = True
-            for delta, finish in self.events(request, stream):
-                if delta or first or finish:
-                    yield protocol.chunk(job, rid, delta if (delta or first) else None, finish, first=first)
-                first = False
-            if job.include_usage:
-                yield {**protocol.chunk(job, rid, None), "usage": protocol.usage(len(ids), len(stream.ids))}
-        finally:
-            request.cancel()  # a client that went away stops its generation
-
-    def models(self) -> dict:
-        data = [
-            {"id": self.base_name, "object": "model", "created": self.started, "owned_by": "lorakit", "loaded": True}
-        ]
-        adapters = self.engine.adapters
-        loaded = adapters.in_memory() if adapters is not None else []
-        for name in adapters.available() if adapters is not None else []:
-            created = int(Path(adapters.directory / name).stat().st_mtime)
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "lorakit",
-                    "parent": self.base_name,
-                    "root": self.base_name,
-                    "loaded": name in loaded,
-                }
-            )
-        return {"object": "list", "data": data}
-
-    def manage(self, action: str, body: dict) -> dict:
-        if any(k in body for k in ("path", "lora_path")):
-            raise ApiError(
-                400, 'adapters load by name from the server\'s adapters directory only; send {"name": ...}', "path"
-            )
-        name = body.get("name", body.get("lora_name"))
-        if not isinstance(name, str):
-            raise ApiError(400, "'name' (the adapter's folder name in the adapters directory) is required", "name")
-        adapters = self.engine.adapters
-        if adapters is None:
-            raise ApiError(404, "this server was started without an adapters directory", "name", "model_not_found")
-        try:
-            if action == "load":
-                ms = adapters.load(name)
-                return {"name": name, "loaded": True, "load_ms": round(ms, 2), "in_memory": adapters.in_memory()}
-            adapters.unload(name)
-            return {"name": name, "loaded": False, "in_memory": adapters.in_memory()}
-        except UnknownAdapter as err:
-            raise ApiError(404, str(err), "name", "model_not_found") from None
-        except AdapterBusy as err:
-            raise ApiError(409, str(err), "name") from None
-        except LorakitError as err:
-            raise ApiError(400, str(err), "name") from None
 
 
 class Handler(JsonHandler):
