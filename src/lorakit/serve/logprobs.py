@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..mixed_batch import per_row
+from .. import per_row  # the public name: stable whichever module implements it
 
 # (token id, its logprob or None for a prompt's first token, top-k [(id, logprob)] or None)
 Entry = tuple[int, float | None, list[tuple[int, float]] | None]
