@@ -177,6 +177,7 @@ def truncated_cases() -> list[tuple[bytes, int]]:
         (head.format(1000).encode() + body[:5], 408),
         (head.format(10).encode(), 408),
         (b"POST /v1/completions HTTP/1.1\r\nContent-Len", 408),  # headers never finished
+        (b"GET /v1/mod", 408),  # the request line never finished
     ]
 
 

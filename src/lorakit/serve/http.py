@@ -101,14 +101,14 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.command, self.headers, self.body_read, self.requestline = None, None, False, ""
         self.request_version, self.expect_continue = self.default_request_version, False
         try:
-            self.raw_requestline = self.rfile.readline(self.limits.max_header_bytes + 1)
+            started = self.rfile.peek(1)  # waits for the first byte without taking it
         except (TimeoutError, ConnectionError):  # an idle keep-alive connection: nothing to answer
-            self.close_connection = True
-            return
-        if not self.raw_requestline:
+            started = b""
+        if not started:
             self.close_connection = True
             return
         try:
+            self.raw_requestline = self.rfile.readline(self.limits.max_header_bytes + 1)
             if self._parse():
                 self._dispatch()
             self.wfile.flush()
