@@ -23,8 +23,8 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.adapters import owned_biases
 from lorakit.formats.peft_prefix import save_prefix
+from lorakit.model_state import saved_modules
 from lorakit.models import load_model, load_tokenizer
-from lorakit.registry import saved_modules
 from lorakit.serve import create_server
 
 BASE = "tiny-biased-llama"

@@ -4,7 +4,7 @@ work is queued for it, validated once here (the CLI flags `--max-body-bytes` ...
 A request over a cap gets an OpenAI-shaped 4xx naming the cap and its flag, so one client cannot
 fill the shared queue (max_prompts), the parser's recursion (max_json_depth), memory (max_body_bytes,
 max_header_bytes) or a thread forever (read_timeout). Adapter names have their own rule in
-`registry.check_adapter_name` (a plain identifier of at most 128 characters).
+`model_state.check_adapter_name` (a plain identifier of at most 128 characters).
 """
 
 from __future__ import annotations
