@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LorakitError
-from .layers import LoraLayer, SavedModule
+from .layers import LoraLayer, SavedModule, innermost
 from .model_state import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 from .quant.convert import dequantize_base
 
@@ -107,7 +107,7 @@ def disabled(model: nn.Module):
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` everywhere; layers left with no adapter become their base layer again."""
     require_adapter(model, name)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in reversed(list(lora_layers(model))):  # innermost first, so nested wrappers unwind
         if name in layer.specs:
             layer.delete_adapter(name)
             if not layer.specs:
@@ -137,7 +137,7 @@ def _check_untied(model: nn.Module) -> None:
     for param_name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(param_name)
     for path, layer in lora_layers(model):
-        names = owners.get(id(layer.base_layer.weight), [])
+        names = owners.get(id(layer.weight_param()), [])
         if len(names) > 1 and layer.live_adapter() is not None:
             raise LorakitError(
                 f"'{path}' shares its weight with {names[1] if names[0].startswith(path) else names[0]} (tied "
@@ -173,7 +173,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     without losing most of the update (`lorakit.quant.merge_precision` measures it)."""
     if active_adapter(model) is not None:
         merge(model)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in reversed(list(lora_layers(model))):  # innermost first, so nested wrappers unwind
         set_submodule(model, path, layer.base_layer)
     for path, holder in list(saved_modules(model)):
         set_submodule(model, path, holder.current())
@@ -217,9 +217,13 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     rows = []
     for path, layer in lora_layers(model):
         adapters = ", ".join(f"{n}({s.r})" for n, s in layer.specs.items())
-        n_trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        nested = {id(p) for p in layer.base_layer.parameters()} if isinstance(layer.base_layer, LoraLayer) else set()
+        n_trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad and id(p) not in nested)
         shape = f"{layer.out_dim} x {layer.in_dim}"
-        rows.append((path, type(layer.base_layer).__name__, shape, adapters, n_trainable))
+        kind = type(layer.base_layer).__name__
+        if layer.parameter_name is not None:
+            path, kind = layer.target_key(path), f"{type(innermost(layer)).__name__} parameter"
+        rows.append((path, kind, shape, adapters, n_trainable))
     for path, holder in saved_modules(model):
         n_trainable = sum(p.numel() for p in holder.parameters() if p.requires_grad)
         rows.append((path, type(holder.original_module).__name__, "full copy", ", ".join(holder.copies), n_trainable))

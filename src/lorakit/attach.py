@@ -14,6 +14,7 @@ parameters, bitwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from .config import LoraConfig, pattern_matches
 from .errors import LorakitError
 from .layers import AdapterSpec, LoraLayer, SavedModule, layer_class, wrap
 from .model_state import adapter_configs, bias_backups, check_adapter_name, set_submodule, walk
-from .targets import base_of, find_targets, matches
+from .targets import base_of, find_targets, matches, parameter_wrappers
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TASK_SUFFIXES = {
@@ -159,7 +160,14 @@ def plan_new(model: nn.Module, config: LoraConfig, name: str) -> AdapterPlan:
         spec = AdapterSpec(r, config.scale_for(path), float(config.dropout), config.use_dora, config.init)
         check_target(path, layer, spec)
         changes.append(LayerChange(path, module, layer, spec))
-    _check_patterns(config, [c.path for c in changes])
+    for path, (module, layer) in parameter_wrappers(model, config).items():
+        key = layer.target_key(path)
+        spec = AdapterSpec(
+            config.rank_for(key), config.scale_for(key), float(config.dropout), config.use_dora, config.init
+        )
+        check_target(key, layer, spec)
+        changes.append(LayerChange(path, module, layer, spec))
+    _check_patterns(config, [c.layer.target_key(c.path) for c in changes])
     saved = [SavedChange(p, m) for p, m in _saved_targets(model, config)]
     if config.modules_to_save and not saved:
         raise LorakitError(
@@ -175,13 +183,26 @@ def plan_file(model: nn.Module, adapter: AdapterFile, name: str) -> AdapterPlan:
     config = adapter.config
     _check_task(model, adapter.task_type)
     targets = _targeted(model, config)
-    changes = [_layer_change(model, adapter, path, parts, targets) for path, parts in adapter.factors.items()]
+    wrapped = parameter_wrappers(model, config) if config.target_parameters else {}
+    changes = [
+        _layer_change(model, adapter, path, parts, targets, wrapped.get(path))
+        for path, parts in adapter.factors.items()
+    ]
     if not changes:
         raise LorakitError("the adapter holds no LoRA tensors (lora_A / lora_B); is it an adapter file?")
-    _check_coverage(config, changes, adapter, targets)
-    _check_patterns(config, [c.path for c in changes])
-    saved, biases = _resolve_others(model, adapter, {c.path for c in changes})
-    config.target_modules = [c.path for c in changes]  # what was adapted, exactly
+    _check_coverage(config, [c for c in changes if c.path not in wrapped], adapter, targets)
+    missing = sorted(set(wrapped) - set(adapter.factors))
+    if missing:
+        raise LorakitError(
+            f"the adapter has no tensors for parameter '{wrapped[missing[0]][1].target_key(missing[0])}', which "
+            f"target_parameters={config.target_parameters!r} selects on this model; the file is incomplete or for "
+            "another model"
+        )
+    _check_patterns(config, [c.layer.target_key(c.path) for c in changes])
+    modules = [c.path for c in changes if c.layer.parameter_name is None]
+    saved, biases = _resolve_others(model, adapter, set(modules))
+    config.target_modules = modules  # what was adapted, exactly
+    config.target_parameters = sorted(c.layer.target_key(c.path) for c in changes if c.path in wrapped) or None
     config.modules_to_save = [s.path for s in saved] or None
     config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
     return AdapterPlan(name, config, changes, saved, biases)
@@ -209,25 +230,31 @@ def _targeted(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module] | No
 
 
 def _layer_change(
-    model: nn.Module, adapter: AdapterFile, path: str, parts: dict[str, Tensor], targets: dict | None
+    model: nn.Module,
+    adapter: AdapterFile,
+    path: str,
+    parts: dict[str, Tensor],
+    targets: dict | None,
+    wrapped: tuple[nn.Module, LoraLayer] | None = None,
 ) -> LayerChange:
+    """The change for the factors at `path`: a module's wrapper, or `wrapped` (a parameter's, pre-built)."""
     config, key = adapter.config, adapter.keys
-    module = targets.get(path) if targets else None
-    if module is None:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            module = None
+    module, layer = wrapped if wrapped is not None else (_module_at(model, path, targets), None)
     first = key[f"{path}/{next(iter(parts))}"]
-    if module is None or isinstance(module, SavedModule) or not _is_wrappable(module):
+    if module is None or isinstance(module, SavedModule) or not (layer or _is_wrappable(module)):
         raise LorakitError(
             f"adapter tensor '{first}' targets '{path}', which this model does not have as an adaptable layer; "
             "the adapter is for another model"
         )
-    layer = _wrapper(path, module)
-    r = parts["A"].shape[0]
-    spec = AdapterSpec(r=r, scale=config.scale_for(path), dropout=float(config.dropout), use_dora=config.use_dora)
-    check_target(path, layer, spec)
+    layer = layer or _wrapper(path, module)
+    name, r = layer.target_key(path), layer.rank_of(parts["A"])
+    if r != config.rank_for(name):
+        raise LorakitError(
+            f"adapter tensor '{key[f'{path}/A']}' has rank {r} but adapter_config.json gives '{name}' "
+            f"r={config.rank_for(name)} (r / rank_pattern); the file and its config disagree"
+        )
+    spec = AdapterSpec(r=r, scale=config.scale_for(name), dropout=float(config.dropout), use_dora=config.use_dora)
+    check_target(name, layer, spec)
     for kind, shape in (("A", layer._a_shape(r)), ("B", layer._b_shape(r))):
         if tuple(parts[kind].shape) != tuple(shape):
             raise LorakitError(
@@ -244,6 +271,16 @@ def _layer_change(
             f"{layer.magnitude_shape()}; the adapter is for another model"
         )
     return LayerChange(path, module, layer, spec, factors=(parts["A"], parts["B"]), magnitude=magnitude)
+
+
+def _module_at(model: nn.Module, path: str, targets: dict | None) -> nn.Module | None:
+    module = targets.get(path) if targets else None
+    if module is None:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+    return module
 
 
 def _is_wrappable(module: nn.Module) -> bool:
@@ -421,7 +458,7 @@ def apply(
 
 def plan_parameters(plan: AdapterPlan) -> int:
     """How many numbers the plan's new factors hold."""
-    return sum(c.spec.r * (c.layer.in_dim + c.layer.out_dim) for c in plan.layers)
+    return sum(math.prod(c.layer._a_shape(c.spec.r)) + math.prod(c.layer._b_shape(c.spec.r)) for c in plan.layers)
 
 
 def _apply_layer(model: nn.Module, name: str, change: LayerChange, generator, undo: list) -> None:
@@ -429,7 +466,7 @@ def _apply_layer(model: nn.Module, name: str, change: LayerChange, generator, un
     if layer is not change.module:
         set_submodule(model, change.path, layer)
         undo.append(lambda: set_submodule(model, change.path, change.module))
-    before = layer.base_layer.weight.detach().clone() if change.spec.init == "pissa" else None
+    before = layer.weight_param().detach().clone() if change.spec.init == "pissa" else None
     undo.append(lambda: layer.discard_adapter(name, restore_weight=before))
     layer.add_adapter(name, change.spec, generator=generator, factors=change.factors)
     if change.magnitude is not None:

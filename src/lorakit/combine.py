@@ -106,6 +106,11 @@ def _check_combinable(source: str, config: LoraConfig) -> None:
             f"adapter '{source}' is a PiSSA adapter, which owns its layers' base weights; save and reload it as a "
             "plain LoRA first"
         )
+    if config.target_parameters:
+        raise LorakitError(
+            f"adapter '{source}' adapts parameters (target_parameters={config.target_parameters[:2]!r}...), which "
+            "combine does not sum yet; merge it, or combine adapters on modules only"
+        )
     if config.modules_to_save:
         raise LorakitError(
             f"adapter '{source}' has modules_to_save, which cannot be combined; combine adapters without them"

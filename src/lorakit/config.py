@@ -73,6 +73,9 @@ class LoraConfig:
     init: "kaiming" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero) or "pissa"
         (A, B from the top-r singular vectors of W0, the residual left in the base).
     use_dora: DoRA (arXiv:2402.09353): W' = m · (W0 + s·B·A) / ||W0 + s·B·A||, per output row.
+    target_parameters: parameters adapted directly, as PEFT names them: an entry t picks parameter
+        "<module>.<name>" when it equals t or ends with "." + t (e.g. "experts.gate_up_proj", the 3-D
+        expert stack of an MoE layer; layers/experts.py). Set target_modules=[] to adapt only these.
     """
 
     r: int = 8
@@ -89,6 +92,7 @@ class LoraConfig:
     init: str = "kaiming"
     use_rslora: bool = False
     use_dora: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not _is_positive_int(self.r):
@@ -98,7 +102,11 @@ class LoraConfig:
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             _fail("dropout", self.dropout, "dropout must be a probability in [0, 1)")
-        self.target_modules = self._check_names("target_modules", self.target_modules)
+        self._check_parameters()
+        if self.target_modules == [] and self.target_parameters:
+            self.target_modules = []  # only parameters are adapted (PEFT's spelling)
+        else:
+            self.target_modules = self._check_names("target_modules", self.target_modules)
         self.exclude_modules = self._check_names("exclude_modules", self.exclude_modules)
         self._check_layers()
         self.rank_pattern = self._check_pattern("rank_pattern", self.rank_pattern, _is_positive_int, "an integer >= 1")
@@ -139,6 +147,23 @@ class LoraConfig:
             if not valid(value):
                 _fail(field_name, {key: value}, f"each value must be {allowed}")
         return dict(pattern)
+
+    def _check_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        if not (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, str) and re.fullmatch(r"[\w\-]+(\.[\w\-]+)*", v) for v in value)
+        ):
+            _fail(
+                "target_parameters",
+                value,
+                "give a list of parameter names such as ['experts.gate_up_proj', 'experts.down_proj'] "
+                "(dotted names, no regular expressions)",
+            )
+        self.target_parameters = sorted(set(value))
 
     def _check_saved(self) -> None:
         if self.modules_to_save is None:

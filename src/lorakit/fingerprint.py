@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LorakitError
-from .layers import LoraLayer, is_adaptable, wrap
+from .layers import ExpertParameter, LoraLayer, innermost, is_adaptable, parameter_layers, wrap
 
 METADATA_KEY = "lorakit_base_fingerprint"
 VERSION = 1
@@ -50,6 +50,25 @@ def original_weight(module: nn.Module) -> Tensor:
     return weight
 
 
+def _adapted(model: nn.Module, key: str) -> nn.Module | None:
+    """The module a fingerprint key names, or for "<module path>.<parameter>" that parameter's layer
+    (a throwaway view when the model has none yet); None when the model has neither."""
+    try:
+        return model.get_submodule(key)
+    except AttributeError:
+        pass
+    owner_path, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(owner_path)
+    except AttributeError:
+        return None
+    found = parameter_layers(module).get(name)
+    param = innermost(module)._parameters.get(name)
+    if found is None and (param is None or param.dim() not in (2, 3)):
+        return None
+    return found or ExpertParameter(innermost(module), name)
+
+
 def module_hash(weight: Tensor, sample: int = SAMPLE) -> str:
     flat = weight.reshape(-1)
     positions = torch.linspace(0, flat.numel() - 1, steps=min(sample, flat.numel())).round().long()
@@ -62,8 +81,10 @@ def record(model: nn.Module, paths: list[str]) -> dict:
     """The fingerprint of the modules at `paths` (the adapted ones)."""
     modules = {}
     for path in sorted(paths):
-        weight = original_weight(model.get_submodule(path))
-        modules[path] = [*weight.shape, module_hash(weight)]
+        module = model.get_submodule(path)
+        weight = original_weight(module)
+        key = module.target_key(path) if isinstance(module, LoraLayer) else path  # a parameter: "<module>.<name>"
+        modules[key] = [*weight.shape, module_hash(weight)]
     return {"version": VERSION, "sample": SAMPLE, "modules": modules}
 
 
@@ -90,13 +111,12 @@ def compare(model: nn.Module, fingerprint: dict) -> list[str]:
     differences = []
     sample = int(fingerprint.get("sample", SAMPLE))
     for path, entry in sorted(fingerprint["modules"].items()):
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
+        module = _adapted(model, path)
+        if module is None:
             differences.append(f"{path}: not in this model")
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if not is_adaptable(base):
+        if getattr(module, "parameter_name", None) is None and not is_adaptable(base):
             differences.append(f"{path}: a {type(base).__name__} here, not the adapted layer")
             continue
         weight = original_weight(module)

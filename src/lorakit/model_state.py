@@ -46,7 +46,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Like named_modules() (depth first, in model order), but does not descend into lorakit's own
-    wrappers. Iterative over `_modules`: a server walks the whole model on every hot load."""
+    wrappers, except into a wrapper nested in another (one per adapted parameter of a module).
+    Iterative over `_modules`: a server walks the whole model on every hot load."""
 
     def children(parent: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
         return [(f"{path}.{n}" if path else n, c) for n, c in reversed(parent._modules.items()) if c is not None]
@@ -57,6 +58,8 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
         yield path, child
         if not isinstance(child, (LoraLayer, SavedModule)):
             stack.extend(children(child, path))
+        elif isinstance(getattr(child, "base_layer", None), LoraLayer):  # wrappers nest (several parameters)
+            stack.append((f"{path}.base_layer", child.base_layer))
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:

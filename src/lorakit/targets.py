@@ -1,4 +1,5 @@
-"""Which modules a LoraConfig picks: names, dotted suffixes, regexes, "all-linear", per-architecture defaults.
+"""Which modules a LoraConfig picks: names, dotted suffixes, regexes, "all-linear", per-architecture defaults;
+and which parameters (target_parameters), with where their nested wrappers go.
 
 a list entry t picks a module named t or ending in ".t";  a string is a regex matching the whole name;
 "all-linear" picks every Linear / GPT-2 Conv1D except the output head;  None picks the model type's default.
@@ -12,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LorakitError
-from .layers import LoraLayer, SavedModule, is_adaptable, is_gpt2_conv1d
+from .layers import ExpertParameter, LoraLayer, SavedModule, innermost, is_adaptable, is_gpt2_conv1d, parameter_layers
 from .model_state import walk
 from .structure import default_targets
 
@@ -101,8 +102,78 @@ def _picked(spec: list[str] | str, path: str, base: nn.Module, heads: set[str]) 
     return matches(spec, path)
 
 
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[nn.Module, list[str]]]:
+    """{module path: (the module owning them, its targeted parameter names in registration order)}.
+
+    PEFT's rule: parameter `name` of the module at `path` is picked when "path.name" equals an entry of
+    target_parameters or ends with "." + entry; exclude_modules and layers_to_transform do not apply.
+    """
+    wanted = config.target_parameters or []
+    found: dict[str, tuple[nn.Module, list[str]]] = {}
+    for path, module in walk(model):
+        if path.endswith(".base_layer") or isinstance(module, SavedModule):
+            continue  # a nested wrapper: its owner is reached from the outermost one
+        owner = innermost(module)
+        names = [n for n in owner._parameters if matches(wanted, f"{path}.{n}")]
+        if names:
+            found[path] = (owner, names)
+    if wanted and not found:
+        raise LorakitError(
+            f"target_parameters={wanted!r} matched no parameter; 3-D expert parameters here: "
+            f"{_describe_parameters(model)}"
+        )
+    return found
+
+
+def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, tuple[nn.Module, LoraLayer]]:
+    """{path: (what sits there now, its wrapper)} for every parameter `config` targets (target_parameters).
+
+    The parameters of one module nest, the first registered innermost, so the wrapper of the i-th of k
+    sits at `<module path>` + ".base_layer" * (k-1-i): PEFT's nesting, hence its tensor keys. Adapters
+    must all target the same parameters of a module (PEFT's rule): the nesting then never changes.
+    """
+    found = {}
+    for path, (owner, names) in find_parameter_targets(model, config).items():
+        current = model.get_submodule(path)
+        if isinstance(current, (LoraLayer, SavedModule)) and getattr(current, "parameter_name", None) is None:
+            raise LorakitError(
+                f"'{path}' is adapted (or saved) as a module by another adapter; adapt its parameters or the module, "
+                "not both"
+            )
+        existing = parameter_layers(current)
+        if existing and set(existing) != set(names):
+            raise LorakitError(
+                f"'{path}': this adapter's target_parameters pick {names} but another adapter adapts "
+                f"{sorted(existing)}; adapters must target the same parameters of a module (as in PEFT)"
+            )
+        layers, below = [], owner
+        for name in names:
+            layers.append(existing.get(name) or _parameter_wrapper(path, below, name))
+            below = layers[-1]
+        for i, layer in enumerate(layers):
+            found[path + ".base_layer" * (len(layers) - 1 - i)] = (current if i == len(layers) - 1 else layer, layer)
+    return found
+
+
+def _parameter_wrapper(path: str, below: nn.Module, name: str) -> LoraLayer:
+    try:
+        return ExpertParameter(below, name)
+    except LorakitError as err:
+        raise LorakitError(f"'{path}.{name}': {err}") from None
+
+
+def _describe_parameters(model: nn.Module) -> str:
+    names = sorted(
+        {f"{path.rsplit('.', 1)[-1]}.{n}" for path, m in walk(model) for n, p in innermost(m)._parameters.items()
+         if p is not None and p.dim() == 3}
+    )  # fmt: skip
+    return ", ".join(names[:20]) if names else "(none)"
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """The (path, module) pairs `config` adapts, in model order."""
+    """The (path, module) pairs `config` adapts, in model order (target_parameters: find_parameter_targets)."""
+    if config.target_modules == [] and config.target_parameters:
+        return []
     spec = config.target_modules if config.target_modules is not None else _default_spec(model)
     saved = config.modules_to_save or []
     heads = output_head_names(model) if spec == "all-linear" else set()
@@ -115,8 +186,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             if isinstance(spec, str):
                 continue  # a regex may also match containers; only adaptable layers count
             raise LorakitError(
-                f"target '{path}' is a {type(base).__name__}, which LoRA cannot adapt; "
-                "target Linear, GPT-2 Conv1D, Embedding or Conv1d/2d/3d layers"
+                f"target '{path}' is a {type(base).__name__}, which LoRA cannot adapt as a module; "
+                "target Linear, GPT-2 Conv1D, Embedding or Conv1d/2d/3d layers, or its weights with target_parameters"
             )
         named += 1
         if config.exclude_modules is not None and matches(config.exclude_modules, path):

@@ -4,6 +4,8 @@ Tensor keys are `base_model.model.<module path>.` followed by
     lora_A.weight (r x k, or r x c_in x kernel)  lora_B.weight (d x r, or d x r x 1...)
     lora_embedding_A (r x V)  lora_embedding_B (d x r)      for embeddings
     lora_magnitude_vector (d)                                 for DoRA
+    lora_A.weight (E·r x k), lora_B.weight (d x r·E)          for an expert parameter (layers/experts.py),
+                                                              at <module path>[.base_layer...]
     <param> / base_layer.bias                                 for modules_to_save and biases
 Reading is in peft_read.py (strict, through the one attach path); this module writes.
 """
@@ -115,11 +117,11 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
             "it without pure=True"
         )
     tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas = {}, {}
+    ranks, alphas, modules, parameters = {}, {}, [], []
     for path, layer in lora_layers(model):
         if name not in layer.specs:
             continue
-        a, b, r = _factors(layer, name)
+        a, b, _ = _factors(layer, name)
         kind = (
             ("lora_embedding_A", "lora_embedding_B")
             if isinstance(layer, Embedding)
@@ -129,13 +131,15 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
         tensors[f"{PREFIX}{path}.{kind[1]}"] = b
         if name in layer.lora_magnitude:
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude[name].detach()
-        ranks[path] = r
-        alphas[path] = alpha_for_scale(layer.specs[name].scale, r, config.use_rslora)  # same s at the saved rank
+        key = layer.target_key(path)  # a parameter's patterns use "<module>.<parameter>", as in PEFT
+        (parameters if layer.parameter_name else modules).append(key)
+        ranks[key] = layer.rank_of(a)
+        alphas[key] = alpha_for_scale(layer.specs[name].scale, ranks[key], config.use_rslora)  # same s at that rank
     if not pure:
         for path, holder in saved_modules(model):
             if name in holder.copies:
                 tensors.update({f"{PREFIX}{path}.{k}": v for k, v in holder.copies[name].state_dict().items()})
-        owned = owned_biases(model, config, set(ranks))
+        owned = owned_biases(model, config, set(modules))
         for param_name, param in model.named_parameters():
             if canonical(param_name) in owned:
                 tensors[PREFIX + param_name] = param.detach()
@@ -148,7 +152,7 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
         "r": r_default,
         "lora_alpha": alpha_default,
         "lora_dropout": config.dropout,
-        "target_modules": _target_names(model, list(ranks)),
+        "target_modules": _target_names(model, modules) if modules else [],
         "rank_pattern": {p: r for p, r in ranks.items() if r != r_default},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha_default},
         "bias": "none" if pure else config.bias,
@@ -161,6 +165,8 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    if parameters:  # only then: PEFT versions before target_parameters would refuse the unknown field
+        peft_config["target_parameters"] = sorted(parameters)
     return tensors, peft_config
 
 

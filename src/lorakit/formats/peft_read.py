@@ -9,8 +9,9 @@ regexes); fields lorakit does not implement are refused when they are set to any
     base_model.model.<path>.lora_magnitude_vector                  DoRA's m
     base_model.model.<other parameter>                             saved modules, biases, base copies
 
-Factors are checked here without a model (floating dtype, finite, A and B paired with one rank, the
-rank the config gives the module); attach.plan_file then checks everything against the model.
+Factors are checked here without a model (floating dtype, finite, A and B paired with one rank);
+attach.plan_file then checks everything against the model, the rank the config
+gives each module included (an expert parameter's lora_A holds E·r rows: only the model knows E).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ _FIELDS = {  # PEFT key -> (LoraConfig field, JSON types, default, what is allow
     "modules_to_save": ("modules_to_save", (list,), None, "expected a list of module names"),
     "use_rslora": ("use_rslora", (bool,), False, "expected true or false"),
     "use_dora": ("use_dora", (bool,), False, "expected true or false"),
+    "target_parameters": ("target_parameters", (list,), None, "expected a list of parameter names"),
 }
 
 
@@ -182,11 +184,6 @@ def _check_pair(config: LoraConfig, path: str, parts: dict[str, torch.Tensor], k
         raise LorakitError(
             f"adapter tensors for '{path}' disagree on the rank: {keys[f'{path}/A']} has {r} rows, "
             f"{keys[f'{path}/B']} has {b.shape[1]} columns (both must equal r >= 1)"
-        )
-    if r != config.rank_for(path):
-        raise LorakitError(
-            f"adapter tensor '{keys[f'{path}/A']}' has rank {r} but adapter_config.json gives '{path}' "
-            f"r={config.rank_for(path)} (r / rank_pattern); the file and its config disagree"
         )
 
 

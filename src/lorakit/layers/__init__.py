@@ -6,6 +6,7 @@ from ..errors import LorakitError
 from .base import AdapterSpec, LoraLayer
 from .conv import Conv
 from .embedding import Embedding
+from .experts import ExpertParameter, innermost, parameter_layers
 from .linear import Linear, is_gpt2_conv1d
 from .saved_module import SavedModule
 
@@ -16,6 +17,9 @@ __all__ = [
     "Embedding",
     "Conv",
     "SavedModule",
+    "ExpertParameter",
+    "innermost",
+    "parameter_layers",
     "wrap",
     "is_adaptable",
     "layer_class",

@@ -45,6 +45,8 @@ class AdapterSpec:
 class LoraLayer(nn.Module):
     """Base class; holds `base_layer` (frozen) and adapters in ParameterDicts keyed by name."""
 
+    parameter_name: str | None = None  # set by layers that adapt one parameter of a module (target_parameters)
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.train(base_layer.training)  # a wrapper made inside an eval() model must not start dropping out
@@ -62,6 +64,18 @@ class LoraLayer(nn.Module):
         self._row_slots = None  # rows.RowIndex: each row's slot in the last mixed batch
 
     # ----- what subclasses define ------------------------------------------------------------
+    def weight_param(self) -> Tensor:
+        """The base parameter this layer adapts."""
+        return self.base_layer.weight
+
+    def rank_of(self, a: Tensor) -> int:
+        """The rank r of a lora_A tensor shaped like `_a_shape(r)`."""
+        return a.shape[0]
+
+    def target_key(self, path: str) -> str:
+        """The name the config's patterns (rank_pattern, alpha_pattern) match for the layer at `path`."""
+        return path
+
     def _weight_2d(self) -> Tensor:
         """The base weight as a (d x k) view that shares storage with it."""
         raise NotImplementedError
@@ -192,7 +206,7 @@ class LoraLayer(nn.Module):
             return "init='pissa' rewrites the base weight, so it must be the only adapter on a layer"
         if any(s.init == "pissa" for s in self.specs.values()):
             return "this layer holds a PiSSA adapter, which rewrote its base weight; delete that adapter first"
-        weight = self.base_layer.weight
+        weight = self.weight_param()
         if not weight.is_floating_point():
             return f"the base weight is {weight.dtype}; LoRA needs a floating-point base weight"
         if spec.r > max(weight.shape[0], weight.numel() // max(weight.shape[0], 1)):  # max(d, k), any layout
@@ -212,7 +226,7 @@ class LoraLayer(nn.Module):
         self._pissa_start.pop(name, None)
         if restore_weight is not None:
             with torch.no_grad():
-                self.base_layer.weight.copy_(restore_weight)
+                self.weight_param().copy_(restore_weight)
         if self.active == name:
             self.active = None
 
