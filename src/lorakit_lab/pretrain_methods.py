@@ -11,7 +11,13 @@
 * relora-rN     lora-rN that every K steps merges s·B·A into W0 and restarts the adapter, so the
                 total update can add up to rank (cycles x N) (relora.py);
 * galore-rN     every weight trains, but the block matrices' AdamW moments live in a rank-N
-                projection of their gradient, re-chosen every few steps (optim.GaLoreAdamW).
+                projection of their gradient, re-chosen every few steps (optim.GaLoreAdamW);
+* moe           every weight of a mixture-of-experts model trains: the dense model's active parameters
+                per token, twice its MLP weights in all (pretrain_arches.py);
+* moe-lora-rN   LoRA on that MoE model: rank N on every expert of the 3-D expert stacks (one adapter
+                per expert, lorakit's target_parameters) and on the attention matrices, embeddings,
+                norms, router and head trained fully - lora-rN's recipe on the MoE model;
+* local-wN      the dense model with block-local attention (blocks of N tokens) trains fully.
 
 In every LoRA variant s = alpha / r with alpha fixed, as in the LoRA paper. (rsLoRA's analysis says an
 Adam step then moves s·B·A less at larger r, so one rate shared across ranks may under-serve r=32.)
@@ -26,12 +32,15 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import inject
+from lorakit.layers import innermost
 from lorakit.model_state import lora_layers
 
 from .galore import GaLoreAdamW
+from .pretrain_arches import build
 
 # every weight matrix of a Llama model: embeddings, the seven block matrices and the head
 EVERY_MATRIX = r"model\.embed_tokens|.*_proj|lm_head"
+EXPERT_STACKS = ["experts.gate_up_proj", "experts.down_proj"]  # a Mixtral layer's 3-D expert parameters
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Method:
     kind: str  # full | lora-only | lora | relora | galore
     rank: int | None = None
     checkpointing: bool = False
+    arch: str = "dense"  # dense | moe | local (pretrain_arches.py)
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,9 @@ class Rates:
         )
 
 
-def method_list(ranks: tuple[int, ...], only_ranks: tuple[int, ...], restart_rank: int) -> tuple[Method, ...]:
+def method_list(
+    ranks: tuple[int, ...], only_ranks: tuple[int, ...], restart_rank: int, block: int = 16
+) -> tuple[Method, ...]:
     return (
         Method("full", "full"),
         Method("full+ckpt", "full", checkpointing=True),
@@ -82,46 +94,43 @@ def method_list(ranks: tuple[int, ...], only_ranks: tuple[int, ...], restart_ran
         *(Method(f"lora-r{r}", "lora", r) for r in ranks),
         Method(f"relora-r{restart_rank}", "relora", restart_rank),
         Method(f"galore-r{restart_rank}", "galore", restart_rank),
+        Method("moe", "full", arch="moe"),
+        Method(f"moe-lora-r{restart_rank}", "lora", restart_rank, arch="moe"),
+        Method(f"local-w{block}", "full", arch="local"),
     )
 
 
-def build_model(size: Size, context: int, seed: int) -> nn.Module:
-    """A Llama-style causal LM over bytes (vocabulary 256), untied head, seeded random init."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=size.hidden,
-        intermediate_size=int(size.hidden * 8 / 3) // 4 * 4,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=context,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return LlamaForCausalLM(config)
+def build_model(size: Size, context: int, seed: int, method: Method | None = None) -> nn.Module:
+    """A causal LM over bytes (vocabulary 256), untied head, seeded random init, of `method`'s family."""
+    arch = method.arch if method is not None else "dense"
+    block = int(method.key.rsplit("-w", 1)[1]) if arch == "local" else 16
+    return build(size, context, seed, arch, block)
 
 
 def block_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The effective weight of every attention/MLP matrix: base (+ the live adapter's s·B·A)."""
-    adapted = dict(lora_layers(model))
+    """The effective weight of every attention/MLP matrix: base (+ the live adapter's ΔW); a 3-D expert
+    stack counts as one matrix per expert ("<path>.<parameter>[e]")."""
+    adapted = {layer.target_key(p) if layer.parameter_name else p: layer for p, layer in lora_layers(model)}
     out = {}
     for path, module in model.named_modules():
-        if ".layers." not in f".{path}" or path.endswith(".base_layer"):
+        if ".layers." not in f".{path}" or ".base_layer" in path or ".lora_" in path:
             continue
-        if path in adapted:
-            layer = adapted[path]
-            w = layer.base_layer.weight.detach().float().clone()
-            if layer.live_adapter() is not None:
-                w += layer.delta_weight(layer.live_adapter()).detach().float().reshape(w.shape)
-            out[path] = w
-        elif isinstance(module, nn.Linear):
-            out[path] = module.weight.detach().float().clone()
+        if isinstance(module, nn.Linear) or path in adapted:
+            out[path] = _effective(adapted.get(path), module)
+        for name, param in innermost(module)._parameters.items():
+            if param is not None and param.dim() == 3 and f"{path}.{name}" not in out:
+                w = _effective(adapted.get(f"{path}.{name}"), param)
+                out.update({f"{path}.{name}[{e}]": w[e] for e in range(w.shape[0])})
     return out
+
+
+def _effective(layer, base) -> torch.Tensor:
+    if layer is None:
+        return (base if isinstance(base, torch.Tensor) else base.weight).detach().float().clone()
+    w = layer.weight_param().detach().float().clone()
+    if layer.live_adapter() is not None:
+        w += layer.delta_weight(layer.live_adapter()).detach().float().reshape(w.shape)
+    return w
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,7 +142,9 @@ def configure(model: nn.Module, method: Method, rates: Rates, seed: int) -> torc
     """Inject adapters / set what trains for `method`, and return its optimizer (no weight decay)."""
     if method.kind in ("lora", "lora-only", "relora"):
         targets = EVERY_MATRIX if method.kind == "lora-only" else "all-linear"
-        inject(model, LoraConfig(r=method.rank, alpha=rates.lora_alpha, target_modules=targets), seed=seed)
+        experts = EXPERT_STACKS if method.arch == "moe" else None
+        config = LoraConfig(r=method.rank, alpha=rates.lora_alpha, target_modules=targets, target_parameters=experts)
+        inject(model, config, seed=seed)
         adapted = {p for p, _ in lora_layers(model)}
         factors, rest = [], []
         for name, param in model.named_parameters():

@@ -2,9 +2,9 @@
 
 Every comparison is against full-rank training of the same size on the same batches:
 gap = ppl_m / ppl_full - 1 = exp(L_m - L_full) - 1, with L the held-out loss in nats per byte.
-A gap inside +/-MATERIAL percent is read as "matches full-rank": runs are single-seed, and the
-held-out score uses a fixed set of windows, so differences of a couple of percent are noise.
-The verdicts are computed from the measured numbers; none of their conclusions is written in advance.
+Each gap is paired seed by seed and shown as mean ± the half-width of its 95% t-interval over seeds
+(pretrain_runs.Spread); other numbers are seed means. The verdicts are computed from the measured
+numbers and their spread; none of their conclusions is written in advance.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ from __future__ import annotations
 import math
 
 from . import pretrain_plots as plots
-from .pretrain_runs import find, gap, lr_table, pct
+from .pretrain_runs import find, gap_spread, lr_table, pct
 from .pretrain_verdicts import verdicts
 from .report import Report, human_bytes
-
-MATERIAL = 3.0  # percent of perplexity
 
 
 def _trained(plan) -> list[str]:
@@ -68,7 +66,7 @@ def write_report(report: Report, results: dict, plan) -> None:
         "memory_time.png",
         f"Accounted training memory and time per step, size {sizes[-1]}",
     )
-    report.section("The documents' claims against these measurements", verdicts(runs, plan, sizes, trained, MATERIAL))
+    report.section("The documents' claims against these measurements", verdicts(runs, plan, sizes, trained))
 
 
 def _intro(report: Report, results: dict, plan) -> None:
@@ -89,7 +87,9 @@ def _intro(report: Report, results: dict, plan) -> None:
         "file, "
         f"{c['held_out_bytes']:,} bytes, scored on {plan.eval_windows} fixed windows at {b.eval_points} evenly spaced "
         "steps). "
-        "All methods see identical batches. AdamW without weight decay, 10% warm-up then cosine decay, gradient "
+        f"Every comparison runs with seeds {', '.join(map(str, plan.seeds))} (a seed fixes the random init and the "
+        "batch order, shared by every method at that seed; timing-only runs use the first). "
+        "AdamW without weight decay, 10% warm-up then cosine decay, gradient "
         "clipping at 1. "
         f"Peak learning rates per size - {rates}; embeddings, norms and head train at the full-rank rate wherever "
         "they train. "
@@ -107,7 +107,13 @@ def _intro(report: Report, results: dict, plan) -> None:
         "and ReLoRA "
         "papers); **relora-rN** - lora-rN with periodic merge-and-restart; **galore-rN** - every weight trains, the "
         "block "
-        "matrices' Adam moments live in a rank-N projection of the gradient."
+        "matrices' Adam moments live in a rank-N projection of the gradient; **moe** - a Mixtral-style mixture of "
+        "4 experts of half the dense MLP width with top-2 routing (the dense model's active parameters per token, "
+        "twice its MLP weights; the router's load-balancing loss is added in training, every reported loss is the "
+        "language-model loss); **moe-lora-rN** - lora-rN's recipe on that model, the adapters on the attention "
+        "matrices and on every expert of the 3-D expert stacks (lorakit's target_parameters, one rank-N adapter per "
+        "expert); **local-wN** - the dense model with block-local attention: a query sees the previous block of N "
+        "tokens and, causally, its own (N to 2N-1 keys instead of up to the whole context)."
     )
     pilots = plan.extra.get("pilots")
     if isinstance(pilots, list) and pilots:
@@ -127,35 +133,32 @@ def _main_grid(report, runs, corpus, sizes, trained) -> None:
     for key in trained:
         row = [key]
         for s in sizes:
-            r, f = find(runs, "main", corpus, s, key), find(runs, "main", corpus, s, "full")
-            row.append(f"{r['held_out_ppl']:.3f} ({pct(gap(r, f))})" if r else "-")
+            r = find(runs, "main", corpus, s, key)
+            row.append(f"{r['held_out_ppl']:.3f} ({pct(gap_spread(runs, 'main', corpus, s, key))})" if r else "-")
         rows.append(row)
-    report.section("Held-out perplexity by model size (gap to full-rank in brackets)")
+    report.section(
+        "Held-out perplexity by model size (gap to full-rank in brackets)",
+        "Perplexity is the mean over seeds; the gap is paired seed by seed, mean ± the half-width of its 95% interval.",
+    )
     report.table(
-        ["method"] + [f"{s} ({find(runs, 'main', corpus, s, 'full')['params']:,} params)" for s in sizes], rows
+        ["method"] + [f"{s} ({find(runs, 'main', corpus, s, 'full')['params']:,.0f} params)" for s in sizes], rows
     )
 
 
 def _contrast(report, runs, corpus, sizes, plan) -> None:
     rows = []
     for s in sizes:
-        f = find(runs, "main", corpus, s, "full")
         for key, m in plan.methods.items():
             if m.kind != "lora-only":
                 continue
             only, lora = find(runs, "main", corpus, s, key), find(runs, "main", corpus, s, f"lora-r{m.rank}")
             if only and lora:
+                g_only = gap_spread(runs, "main", corpus, s, key)
+                g_lora = gap_spread(runs, "main", corpus, s, f"lora-r{m.rank}")
                 rows.append(
-                    [
-                        s,
-                        m.rank,
-                        only["trainable"],
-                        pct(gap(only, f)),
-                        lora["trainable"],
-                        pct(gap(lora, f)),
-                        f"{gap(only, f) - gap(lora, f):+.1f} pts",
-                    ]
-                )
+                    [s, m.rank, only["trainable"], pct(g_only), lora["trainable"], pct(g_lora),
+                     f"{g_only.mean - g_lora.mean:+.1f} pts"]
+                )  # fmt: skip
     if rows:
         report.section(
             "What freezing the embeddings and head costs: lora-only vs lora at the same rank",
@@ -170,6 +173,7 @@ def _contrast(report, runs, corpus, sizes, plan) -> None:
 def _size_table(report, runs, corpus, size, keys) -> None:
     f = find(runs, "main", corpus, size, "full")
     rows = []
+    seeds = {k: len(r["seeds"]) for k in keys if (r := find(runs, "main", corpus, size, k))}
     for key in keys:
         r = find(runs, "main", corpus, size, key)
         if r is None:
@@ -178,11 +182,14 @@ def _size_table(report, runs, corpus, size, keys) -> None:
         rows.append(
             [
                 key,
+                seeds[key],
+                f"{r['params']:,.0f}"
+                + (f" ({r['active_params']:,.0f})" if r.get("active_params") != r["params"] else ""),
                 r["trainable"],
                 f"{100 * r['trainable'] / r['params']:.1f}%",
                 r["held_out_loss"] if trained else "-",
                 r["held_out_ppl"] if trained else "-",
-                pct(gap(r, f)) if trained else "-",
+                pct(gap_spread(runs, "main", corpus, size, key)) if trained and key != "full" else "-",
                 r["roughness"] if trained else "-",
                 f"{r['update_rank90_mean']:.1f} / {r['update_rank_max_possible']:.0f}" if trained else "-",
                 f"{1000 * r['step_seconds']:.0f}",
@@ -194,13 +201,17 @@ def _size_table(report, runs, corpus, size, keys) -> None:
             ]
         )
     report.section(
-        f"Size {size} ({f['params']:,} parameters)",
-        "Frozen drift is the largest change of any weight that does not take gradient steps: 0 proves a freeze "
-        "held; ReLoRA's is non-zero by design (each restart merges s·B·A into the frozen base).",
+        f"Size {size} ({f['params']:,.0f} parameters in the dense model)",
+        "Numbers are means over the seeds run; params in brackets are those active per token (a mixture of "
+        "experts runs 2 of its 4 experts). Frozen drift is the largest change of any weight that does not take "
+        "gradient steps: 0 proves a freeze held; ReLoRA's is non-zero by design (each restart merges s·B·A into "
+        "the frozen base).",
     )
     report.table(
         [
             "method",
+            "seeds",
+            "params (active)",
             "trainable",
             "share",
             "held-out loss",
@@ -221,7 +232,7 @@ def _size_table(report, runs, corpus, size, keys) -> None:
 
 def _longer(report, runs, plan, s) -> None:
     size, rows = s.arm.size.name, []
-    f, fl = find(runs, "main", s.corpus, size, "full"), find(runs, "longer", s.corpus, size, "full")
+    f = find(runs, "main", s.corpus, size, "full")
     for key in s.arm.methods:
         short, long_ = find(runs, "main", s.corpus, size, key), find(runs, "longer", s.corpus, size, key)
         if short and long_:
@@ -229,9 +240,9 @@ def _longer(report, runs, plan, s) -> None:
                 [
                     key,
                     short["held_out_ppl"],
-                    pct(gap(short, f)),
+                    pct(gap_spread(runs, "main", s.corpus, size, key)) if key != "full" else "-",
                     long_["held_out_ppl"],
-                    pct(gap(long_, fl)),
+                    pct(gap_spread(runs, "longer", s.corpus, size, key)) if key != "full" else "-",
                     f"{short['update_rank90_mean']:.1f}",
                     f"{long_['update_rank90_mean']:.1f}",
                 ]
@@ -309,7 +320,8 @@ def _lr(report, runs, plan, s) -> None:
     report.section(
         f"Learning-rate sensitivity at size {s.arm.size.name}",
         "Every learning rate of the method (LoRA factors, and embeddings/norms/head where they train) scaled "
-        "together; held-out loss in nats/byte. A wide spread means the method punishes a mis-set rate.",
+        "together; held-out loss in nats/byte, mean over seeds. A wide spread means the method punishes a mis-set "
+        "rate.",
     )
     report.table(["method"] + [f"x{sc:.2g}" for sc in scales] + ["spread (max - min)"], rows)
     report.figure(
@@ -321,7 +333,6 @@ def _lr(report, runs, plan, s) -> None:
 
 def _replicate(report, runs, plan, s) -> None:
     size, rows = s.arm.size.name, []
-    f = find(runs, "replicate", s.corpus, size, "full")
     for key in s.arm.methods:
         r = find(runs, "replicate", s.corpus, size, key)
         if r:
@@ -331,7 +342,7 @@ def _replicate(report, runs, plan, s) -> None:
                     r["trainable"],
                     r["held_out_loss"],
                     r["held_out_ppl"],
-                    pct(gap(r, f)),
+                    pct(gap_spread(runs, "replicate", s.corpus, size, key)) if key != "full" else "-",
                     f"{r['update_rank90_mean']:.1f}",
                 ]
             )

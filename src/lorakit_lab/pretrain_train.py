@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import corpora
 from .galore import cosine_schedule
 from .meter import PeakMemory, accounted_total, activation_bytes, state_bytes
+from .pretrain_arches import active_parameters, language_loss
 from .pretrain_methods import Method, Rates, Size, base_weights, block_matrices, build_model, configure
 from .relora import jagged_factor, merge_and_restart
 from .spectra import energy_rank
@@ -50,7 +51,7 @@ def held_out_loss(model: nn.Module, windows: torch.Tensor, batch: int) -> float:
     total = 0.0
     for i in range(0, len(windows), batch):
         chunk = windows[i : i + batch]
-        total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
+        total += language_loss(model(input_ids=chunk, labels=chunk), model).item() * len(chunk)
     model.train(was_training)
     return total / len(windows)
 
@@ -86,9 +87,10 @@ def run_one(
     bar: tqdm | None = None,
 ) -> dict:
     """Train `size` from its seeded random init with `method`; return the measurements."""
-    model = build_model(size, budget.context, budget.seed)
+    model = build_model(size, budget.context, budget.seed, method)
     start = block_matrices(model)
     total_params = sum(p.numel() for p in model.parameters())
+    active = active_parameters(model)
     optimizer = configure(model, method, rates, budget.seed)
     initial = base_weights(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -111,8 +113,9 @@ def run_one(
                 g["lr"] = lr0[id(g)] * factor
             batch = corpus.batch("train", budget.batch, budget.context, batches)
             began = time.perf_counter()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
+            output = model(input_ids=batch, labels=batch)
+            output.loss.backward()  # an MoE's includes the router's load-balancing term
+            loss = language_loss(output, model)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep grads allocated: what a training step really holds
@@ -140,6 +143,9 @@ def run_one(
         "kind": method.kind,
         "rank": method.rank,
         "params": total_params,
+        "active_params": active,
+        "arch": method.arch,
+        "seed": budget.seed,
         "trainable": trainable,
         "steps": steps,
         "tokens": steps * budget.batch * budget.context,
