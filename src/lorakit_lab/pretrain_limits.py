@@ -98,9 +98,9 @@ EVERY = ("full", "full+ckpt", "lora-only-r8", "lora-only-r32", "lora-r8", "lora-
 ALTERNATIVES = ("moe", "moe-lora-r8", "local-w16")
 CORE = ("full", "lora-only-r8", "lora-r8")
 SEEDS = (0, 1, 2)
-# Cut to fit about 40 minutes on 2 shared cores with 3 seeds everywhere: 200 steps (was 400) and sizes 0.06M and
+# Cut to fit about 40 minutes on 2 shared cores with 3 seeds everywhere: 150 steps (was 400) and sizes 0.06M and
 # 0.2M (was 0.2M, 0.8M and 3.3M); the series run at the smaller size.
-FULL_BUDGET = Budget(steps=200, batch=8, context=128, eval_points=5, relora_every=50, ckpt_steps=8)
+FULL_BUDGET = Budget(steps=150, batch=8, context=128, eval_points=5, relora_every=50, ckpt_steps=8)
 # rates from the pilots below (0.8M and 3.3M, an earlier plan's sizes; the report compares each chosen rate with
 # its best pilot rate where a size was piloted); 0.06M and 0.2M were not, and the "lr" series (x1/3, x3 at 0.06M)
 # shows whether the rates were fair for full-rank and both LoRA arms. MoE and block-local attention train at the
@@ -134,7 +134,7 @@ FULL = Plan(
     methods=METHODS,
     seeds=SEEDS,
     series=(
-        Series("longer", "shakespeare", Arm(S32, R64, CORE), replace(FULL_BUDGET, steps=400), seeds=SEEDS),
+        Series("longer", "shakespeare", Arm(S32, R64, CORE), replace(FULL_BUDGET, steps=300), seeds=SEEDS),
         Series("lr", "shakespeare", Arm(S32, R64, CORE), FULL_BUDGET, (1 / 3, 3.0), seeds=SEEDS),
         Series("replicate", "python-stdlib", Arm(S32, R64, CORE), FULL_BUDGET, seeds=SEEDS),
     ),

@@ -72,22 +72,61 @@ def spectrum_stats(sigma: torch.Tensor, scale: float, dims: tuple[int, int]) -> 
     return {"rank": rank, "effective_rank": math.exp(entropy), "norm": abs(scale) * float(sigma.square().sum().sqrt())}
 
 
+def _expert_count(config, factors: dict) -> tuple[int, set[str]]:
+    """(E, the expert-stack paths) of a target_parameters adapter, whose lora_A holds E·r rows (layers/experts.py).
+
+    Without the model the parameter behind a path is unknown, so E is the count that gives every stack a rank the
+    config names (r or a rank_pattern value), preferring the one that gives the most stacks the default r."""
+    if not config.target_parameters:
+        return 1, set()
+    stacks = {p for p in factors if not (config.target_modules and _picked(config.target_modules, p))}
+    ranks = {config.r, *config.rank_pattern.values()}
+    rows = [factors[p]["A"].shape[0] for p in stacks]
+    fits = [
+        e
+        for e in sorted({n // r for n in rows for r in ranks if n % r == 0})
+        if all(n % e == 0 and n // e in ranks for n in rows)
+    ]
+    if not fits:
+        return 1, set()
+    return max(fits, key=lambda e: (sum(n // e == config.r for n in rows), e)), stacks
+
+
+def _picked(targets, path: str) -> bool:
+    from ..targets import matches
+
+    return matches(targets, path)
+
+
 def inspect_adapter(directory: Path) -> dict[str, Any]:
     from ..config import lora_scale
     from ..formats.peft import WEIGHTS_FILE
     from ..formats.peft_read import parse_adapter, read_adapter
 
     config, tensors = read_adapter(directory)
-    adapter = parse_adapter(config, tensors)  # the loader's own checks: pairs, ranks, dtypes, finite values
+    adapter = parse_adapter(config, tensors)  # the loader's own checks: pairs, dtypes, finite values
     others = sum(t.numel() for t in adapter.others.values())
     layers = []
+    count, stacks = _expert_count(adapter.config, adapter.factors)
     for path, parts in adapter.factors.items():
         a, b = parts["A"].float(), parts["B"].float()
-        r = a.shape[0]
+        experts = count if path in stacks else 1
+        r = a.shape[0] // experts
         scale = lora_scale(adapter.config.alpha_for(path), r, adapter.config.use_rslora)
         dims = (b.shape[0], a[0].numel())
-        stats = spectrum_stats(update_spectrum(a, b), scale, dims)
-        layers.append({"module": path, "shape": f"{dims[0]} x {dims[1]}", "r": r, "scale": scale, **stats})
+        pairs = [(a[e * r : (e + 1) * r], b[:, e::experts]) for e in range(experts)]  # PEFT's expert layout
+        stats = [spectrum_stats(update_spectrum(a_e, b_e), scale, dims) for a_e, b_e in pairs]
+        layers.append(
+            {
+                "module": path,
+                "shape": f"{experts} x {dims[0]} x {dims[1]}" if experts > 1 else f"{dims[0]} x {dims[1]}",
+                "r": r,
+                "scale": scale,
+                "rank": max(s["rank"] for s in stats),  # an expert stack: the largest expert's, and ||ΔW|| over all
+                "effective_rank": max(s["effective_rank"] for s in stats),
+                "norm": math.sqrt(sum(s["norm"] ** 2 for s in stats)),
+            }
+        )
     size = (directory / WEIGHTS_FILE).stat().st_size
     return {
         "adapter": str(directory),

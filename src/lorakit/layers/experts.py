@@ -51,7 +51,6 @@ def parameter_layers(module: nn.Module) -> dict[str, ExpertParameter]:
 class ExpertParameter(LoraLayer):
     """Wraps the module that owns parameter `parameter_name` (2-D, or 3-D with experts first)."""
 
-
     def __init__(self, base_layer: nn.Module, parameter_name: str):
         owner = innermost(base_layer)
         param = owner._parameters.get(parameter_name) if isinstance(parameter_name, str) else None
