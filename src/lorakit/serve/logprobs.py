@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import per_row  # the public name: stable whichever module implements it
 
+CHUNK = 256  # prompt positions turned into log-probabilities at a time
 # (token id, its logprob or None for a prompt's first token, top-k [(id, logprob)] or None)
 Entry = tuple[int, float | None, list[tuple[int, float]] | None]
 
@@ -44,11 +45,14 @@ def prompt_logprobs(engine, ids: list[int], adapter: str | None, k: int) -> list
         finally:
             if adapter is not None:
                 engine.adapters.release(adapter)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-    values, top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-    rest = zip(ids[1:], chosen, top.tolist(), values.tolist())
-    return [(ids[0], None, None)] + [(t, c, list(zip(i, v))) for t, c, i, v in rest]
+    entries: list[Entry] = [(ids[0], None, None)]
+    for start in range(0, len(ids) - 1, CHUNK):  # in pieces: one float32 copy of positions x vocab at most
+        logprobs = torch.log_softmax(logits[start : start + CHUNK].float(), dim=-1)
+        following = ids[start + 1 : start + 1 + CHUNK]
+        chosen = logprobs.gather(1, torch.tensor(following)[:, None])[:, 0].tolist()
+        values, top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        entries += [(t, c, list(zip(i, v))) for t, c, i, v in zip(following, chosen, top.tolist(), values.tolist())]
+    return entries
 
 
 def _names(entries: list[Entry], texts: Callable[[list[int]], list[str]]) -> dict[int, str]:
