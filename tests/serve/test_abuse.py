@@ -315,3 +315,6 @@ def test_bodies(server):
             assert_alive(server)
     assert_alive(server)
     assert len(server.app.engine.waiting) == 0 and not server.app.engine.adapters.holds
+    # legal but extreme: a denormal temperature samples the likeliest token (not NaN, failing the batch)
+    status, body, _ = post(server, "/v1/completions", json.dumps({**GOOD, "temperature": 5e-324}).encode())
+    assert status == 200 and body["choices"][0]["text"] == server.expected

@@ -63,6 +63,8 @@ def test_sampler_greedy_nucleus_seed_and_distribution():
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 0.0]])
     greedy = SamplingParams(temperature=0)
     assert sample_rows(logits, [greedy, greedy], [None, None]) == [1, 0]
+    tiny = SamplingParams(temperature=5e-324)  # no overflow to NaN: the most likely token, always
+    assert sample_rows(logits, [tiny, tiny], [tiny.generator(), tiny.generator()]) == [1, 0]
     tight = SamplingParams(temperature=1.0, top_p=0.0)
     assert all(sample_rows(logits, [tight, tight], [tight.generator(), tight.generator()]) == [1, 0] for _ in range(20))
 

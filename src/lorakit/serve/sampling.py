@@ -75,7 +75,8 @@ def sample_rows(logits: Tensor, params: list[SamplingParams], generators: list[t
 
 
 def _sample(logits: Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / p.temperature, dim=-1)
+    # in float64, the max first: logits / 1e-300 would be inf - inf = NaN and fail the whole batch
+    probs = torch.softmax((logits.double() - logits.max()) / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each token
