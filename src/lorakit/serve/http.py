@@ -114,7 +114,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except TimeoutError:
             self.reply_error(ApiError(408, f"the request was not received within {self._timeout_text()}"))
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:  # the client went away (reset, broken pipe, aborted)
             self.close_connection = True
 
     def _parse(self) -> bool:
@@ -157,7 +157,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             action()
         except ApiError as err:
             self.reply_error(err)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, TimeoutError):  # the client went away
             raise
         except Exception as err:  # a bug answers 500 with one line, never a traceback to the client
             log.exception("request failed")
@@ -232,7 +232,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             self.close_connection = self.linger = True  # the rest of what the client sent cannot be framed
         try:
             self.send_json(err.status, err.body(), err.headers)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, TimeoutError):  # the client went away
             self.close_connection = True
 
     def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
