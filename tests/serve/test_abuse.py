@@ -318,3 +318,18 @@ def test_bodies(server):
     # legal but extreme: a denormal temperature samples the likeliest token (not NaN, failing the batch)
     status, body, _ = post(server, "/v1/completions", json.dumps({**GOOD, "temperature": 5e-324}).encode())
     assert status == 200 and body["choices"][0]["text"] == server.expected
+
+
+def test_expect_100_continue_then_the_body(server):
+    """curl's large POSTs: the go-ahead comes once the size is acceptable, then the answer."""
+    body = json.dumps(GOOD).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        received = b""
+        while not _complete(received, head_only=False):
+            received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200")
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["choices"][0]["text"] == server.expected
