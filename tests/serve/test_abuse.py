@@ -288,9 +288,8 @@ def body_cases() -> list[tuple[str, bytes]]:
         ("/v1/completions", json.dumps({**GOOD, "n": LIMITS.max_prompts + 1}).encode()),
         ("/v1/completions", json.dumps({**GOOD, "n": 3, "prompt": ["a", "b", "c"]}).encode()),  # 9 > 8 generations
         ("/v1/completions", json.dumps({**GOOD, "logprobs": LIMITS.max_logprobs + 1}).encode()),
-        ("/v1/completions", json.dumps({**GOOD, "logprobs": 1, "stream": True}).encode()),
         ("/v1/completions", json.dumps({**GOOD, "n": 2, "stream": True}).encode()),
-        ("/v1/completions", json.dumps({**GOOD, "echo": True, "stream": True}).encode()),
+        ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "n": 2, "stream": True}).encode()),
         (
             "/v1/completions",
             json.dumps({**GOOD, "max_tokens": 0, "prompt": [10**6], "echo": True, "logprobs": 1}).encode(),

@@ -167,3 +167,21 @@ def test_chat_logprobs(served):
         assert item.bytes == list(item.token.encode())
     plain = client.chat.completions.create(model="dora_bot", messages=messages, max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_and_echo_equal_the_whole_answer(served):
+    _, client, _ = served
+    args = dict(model="sql", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=2, echo=True, stop=["zz"])
+    whole = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text and chunks[0].text == PROMPTS[2]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(c.logprobs, field) for c in chunks if c.logprobs), []) == getattr(whole.logprobs, field)
+
+    messages = [{"role": "user", "content": "SELECT"}]
+    chat = dict(model="poet", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**chat).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**chat, stream=True) if c.choices]
+    streamed = [item for c in chunks if c.logprobs for item in c.logprobs.content]
+    assert [i.model_dump() for i in streamed] == [i.model_dump() for i in whole.logprobs.content]
+    assert "".join(c.delta.content or "" for c in chunks) == whole.message.content

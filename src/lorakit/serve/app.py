@@ -204,15 +204,35 @@ class App:
         return protocol.response(job, protocol.new_id(job.chat), choices, prompt_tokens, produced)
 
     def stream(self, job: Job):
-        """Server-sent event payloads (dicts), ending with the finish chunk (and usage if asked)."""
+        """Server-sent event payloads (dicts), ending with the finish chunk (and usage if asked). With
+        echo the prompt comes first; with logprobs each chunk carries those of its new tokens."""
         [g] = self.submit(job)
-        rid = protocol.new_id(job.chat)
-        events = self.events(g.request, g.stream) if g.request is not None else iter([("", "length")])
+        rid, entries, sent, offset = protocol.new_id(job.chat), [], 0, 0
+        events = self.events(g.request, g.stream, entries) if g.request is not None else iter([("", "length")])
+
+        def shaped(new: list) -> dict | None:
+            nonlocal offset
+            if job.logprobs is None:
+                return None
+            if job.chat:
+                return logprobs.chat(new, self.texts)
+            out = logprobs.completion(new, self.texts, offset)
+            offset += sum(len(t) for t in out["tokens"])
+            return out
+
         try:
             first = True
+            if job.echo:
+                prompt = job.prompts[0] if isinstance(job.prompts[0], str) else self.decode(g.ids)
+                head = self.prompt_entries(job, g) if job.logprobs is not None else []
+                yield protocol.chunk(job, rid, prompt, None, logprobs=shaped(head))
+                first = False
             for delta, finish in events:
                 if delta or first or finish:
-                    yield protocol.chunk(job, rid, delta if (delta or first) else None, finish, first=first)
+                    end = len(entries) if not finish else len(g.stream.ids) + (0 if g.stream.stopped else 1)
+                    new, sent = entries[sent:end], max(sent, end)
+                    text = delta if (delta or first) else None
+                    yield protocol.chunk(job, rid, text, finish, first=first, logprobs=shaped(new))
                 first = False
             if job.include_usage:
                 yield {**protocol.chunk(job, rid, None), "usage": protocol.usage(len(g.ids), len(g.stream.ids))}

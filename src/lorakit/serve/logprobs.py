@@ -60,13 +60,13 @@ def _names(entries: list[Entry], texts: Callable[[list[int]], list[str]]) -> dic
     return dict(zip(ids, texts(ids)))
 
 
-def completion(entries: list[Entry], texts: Callable[[list[int]], list[str]]) -> dict:
+def completion(entries: list[Entry], texts: Callable[[list[int]], list[str]], start: int = 0) -> dict:
     """The completions API's logprobs object; `texts` turns token ids into their strings.
     top_logprobs maps token text -> logprob (k alternatives and the chosen token; tokens that decode to the
     same text, such as the bytes of one UTF-8 character, share one key, the likeliest's). text_offset:
-    where each token starts, counted in token strings (as vLLM)."""
+    where each token starts, counted in token strings (as vLLM) from `start` (a stream's earlier chunks)."""
     names = _names(entries, texts)
-    offsets, offset, top = [], 0, []
+    offsets, offset, top = [], start, []
     for token, logprob, alternatives in entries:
         offsets.append(offset)
         offset += len(names[token])

@@ -97,8 +97,8 @@ def _common(body: dict, chat: bool, limits: Limits) -> dict:
     except LorakitError as err:
         raise ApiError(400, str(err), param=str(err).split("=")[0]) from None
     stream = _field(body, "stream", (bool,), False)
-    if stream and (n > 1 or echo or logprobs is not None):
-        raise ApiError(400, "n > 1, echo and logprobs need stream: false", param="stream")
+    if stream and n > 1:
+        raise ApiError(400, "n > 1 needs stream: false (a stream carries one choice)", param="n")
     options = _field(body, "stream_options", (dict,), {})
     usage = _field(options, "include_usage", (bool,), False)
     return dict(model=model, sampling=sampling, stream=stream, include_usage=usage, n=n, echo=echo, logprobs=logprobs)
@@ -217,14 +217,22 @@ def response(job: Job, rid: str, choices: list[tuple], prompt_tokens: int, compl
     }
 
 
-def chunk(job: Job, rid: str, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
-    """One server-sent event of a stream (text None: no choice, e.g. the usage-only last chunk)."""
+def chunk(
+    job: Job,
+    rid: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    first: bool = False,
+    logprobs: dict | None = None,
+) -> dict:
+    """One server-sent event of a stream (text None: no choice, e.g. the usage-only last chunk);
+    `logprobs`: those of the tokens since the previous chunk."""
     if job.chat:
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         kind = "chat.completion.chunk"
     else:
-        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]
         kind = "text_completion"
     return {
         "id": rid,
