@@ -2,7 +2,8 @@
 
 The prompt goes through the model's chat template when it has one (--raw to send it as is).
 Several --adapter folders are combined exactly, ΔW = Σ w_i·ΔW_i (`DIR:0.5` sets a weight).
-Greedy decoding unless --temperature > 0.
+Greedy decoding unless --temperature > 0 (sampling seeded by --seed, as a server request's `seed`).
+Decoding runs the serving engine's loop: a preallocated KV cache and a lean decode step.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--base", action="store_true", help="also print the base model's answer (adapters off)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default), up to 2")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -69,32 +70,57 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     templated: bool = True,
+    seed: int = 0,
 ) -> str:
-    """The continuation of `text` (special tokens dropped); a templated text already has its special tokens."""
+    """The continuation of `text` (special tokens dropped); a templated text already has its special tokens.
+
+    Decodes with the serving engine (preallocated KV cache, lean decode step) and the model's active
+    adapter; models the engine cannot run (no plain key/value cache) use transformers' generate."""
     import torch
 
-    device = next(model.parameters()).device
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    )
+    from ..adapters import active_adapter
+    from ..errors import LorakitError
+    from ..serve.engine import Engine
+    from ..serve.sampling import SamplingParams
+
+    ids = tokenizer(text, add_special_tokens=not templated).input_ids
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    try:
+        engine = Engine(model, max_batch=1, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id or 0)
+    except LorakitError:  # e.g. a sliding-window cache: transformers' own loop
+        return _transformers_generate(model, tokenizer, torch.tensor([ids]), params)
+    request = engine.submit(ids, active_adapter(model), params)
+    while engine.step():
+        pass
+    tokens = [value for kind, value in request if kind == "token"]
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _transformers_generate(model, tokenizer, ids, params) -> str:
+    import torch
+
+    torch.manual_seed(params.seed)
+    sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
     with torch.no_grad():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+            ids.to(next(model.parameters()).device),
+            max_new_tokens=params.max_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **(sampling if not params.greedy else {"do_sample": False}),
         )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     import lorakit
 
     from ..errors import LorakitError
     from ..train.distributed import pick_device
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise LorakitError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
+        raise LorakitError("--max-new-tokens must be >= 1, --temperature from 0 to 2 and --top-p in (0, 1]")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     quiet_transformers()
     specs = [parse_adapter(a) for a in args.adapter]
@@ -108,12 +134,10 @@ def run(args: argparse.Namespace) -> int:
         lorakit.combine(model, {n: w for n, (_, w) in zip(names, specs)}, name="mix")
     model.to(pick_device(args.device))
     text = build_prompt(tokenizer, prompt, args.system, args.raw)
-    options = (args.max_new_tokens, args.temperature, args.top_p, text != prompt)
-    torch.manual_seed(args.seed)
+    options = (args.max_new_tokens, args.temperature, args.top_p, text != prompt, args.seed)
     if args.base and specs:
         with lorakit.disabled(model):
             print("[base]", generate_text(model, tokenizer, text, *options))
-        torch.manual_seed(args.seed)
         print("[adapted]", end=" ")
     print(generate_text(model, tokenizer, text, *options))
     return 0

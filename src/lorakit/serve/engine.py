@@ -8,10 +8,11 @@ A background thread repeats:
   3. drop finished rows (max_tokens, end-of-sequence, cancelled) from the batch and the cache
 so new requests join between decode steps instead of waiting for the batch to drain.
 
-The KV cache holds rows of different lengths, left-padded to a common length with an attention
-mask over the real positions; position ids count each row's real tokens only, so every row
-computes what it would compute alone (up to float rounding in the batched matmuls). Columns that
-are padding in every row are trimmed as rows leave.
+The KV cache (kv_cache.StaticKV) is preallocated and holds rows of different lengths, left-padded
+to a common length with a mask over the real positions; position ids count each row's real tokens
+only, so every row computes what it would compute alone (up to float rounding in the batched
+matmuls). Columns that are padding in every row are trimmed as rows leave. Decode steps of
+Llama-family models run decode_step's lean forward; prefills and other models the model's forward.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
 from ..mixed_batch import per_row
+from ..registry import require_adapter
 from .adapter_cache import AdapterCache
+from .decode_step import decode_step, lean_layers
+from .kv_cache import StaticKV
 from .logprobs import token_logprobs
 from .sampling import SamplingParams, sample_rows
 
@@ -128,10 +131,11 @@ class Engine:
         self._keep_last = (
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         )
+        self.device = next(model.parameters()).device
+        self.lean = lean_layers(model)  # None: decode through the model's forward
         self.waiting: deque[Request] = deque()
         self.rows: list[_Row] = []
-        self.cache = None
-        self.mask: Tensor | None = None
+        self.cache: StaticKV | None = None
         self.stats = {"requests": 0, "tokens": 0, "decode_steps": 0, "prefills": 0, "max_rows": 0}
         self._cv = threading.Condition()
         self._stopping = False
@@ -160,8 +164,9 @@ class Engine:
             raise EngineStopped("the server is shutting down")
         if adapter is not None:
             if self.adapters is None:
-                raise LorakitError("this engine has no adapters directory; send the base model's name")
-            self.adapters.acquire(adapter)  # loads it if needed; held until the request is done
+                require_adapter(self.model, adapter)  # one already on the model (lorakit generate)
+            else:
+                self.adapters.acquire(adapter)  # loads it if needed; held until the request is done
         request = Request(list(prompt), adapter, params)
         with self._cv:
             full = len(self.waiting) >= self.max_waiting
@@ -234,6 +239,11 @@ class Engine:
                 admitted.append(_Row(request, request.params.generator()))
         return admitted
 
+    @property
+    def mask(self) -> Tensor | None:
+        """The running rows' attention mask over the cached columns (None when idle)."""
+        return None if self.cache is None else self.cache.window
+
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache, adapters: list[str | None]):
         from transformers import DynamicCache
 
@@ -257,20 +267,30 @@ class Engine:
             ids[i, longest - len(prompt) :] = torch.tensor(prompt)
             mask[i, longest - len(prompt) :] = 1
             row.length = len(prompt)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None, [r.request.adapter for r in new])
-        self._splice(cache, mask)
+        if self.cache is None:
+            self.cache = StaticKV(len(cache.layers))
+        room = max(r.request.params.max_tokens for r in self.rows + new)  # columns the batch may still write
+        self.cache.add_rows([c.keys for c in cache.layers], [c.values for c in cache.layers], mask, room)
         self.rows.extend(new)
         self.stats["prefills"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
         self._accept(new, logits)
 
     def _decode(self) -> None:
-        ids = torch.tensor([[r.last] for r in self.rows])
-        positions = torch.tensor([[r.length] for r in self.rows])
-        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, self.cache = self._forward(ids, mask, positions, self.cache, [r.request.adapter for r in self.rows])
-        self.mask = mask
+        ids = torch.tensor([[r.last] for r in self.rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
+        padded = self.cache.padded
+        mask = self.cache.open_column()
+        adapters = [r.request.adapter for r in self.rows]
+        if self.lean is not None:
+            with torch.no_grad(), per_row(self.model, adapters):
+                logits = decode_step(self.model, self.lean, ids, positions, self.cache, mask if padded else None)
+        else:
+            logits, _ = self._forward(ids, mask, positions, self.cache, adapters)
+            self.cache.advance()
         for row in self.rows:
             row.length += 1
         self.stats["decode_steps"] += 1
@@ -302,22 +322,6 @@ class Engine:
                 row.request.events.put(("logprobs", token_logprobs(logits[i], tokens[i], row.request.params.logprobs)))
 
     # ----- the KV cache ----------------------------------------------------------------------
-    def _splice(self, cache, mask: Tensor) -> None:
-        """Add the new rows' cache (left-padded to a common length) below the running rows'."""
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
-            return
-        old, new = self.mask.shape[1], mask.shape[1]
-        length = max(old, new)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat(
-                [F.pad(mine.keys, (0, 0, length - old, 0)), F.pad(theirs.keys, (0, 0, length - new, 0))]
-            )
-            mine.values = torch.cat(
-                [F.pad(mine.values, (0, 0, length - old, 0)), F.pad(theirs.values, (0, 0, length - new, 0))]
-            )
-        self.mask = torch.cat([F.pad(self.mask, (length - old, 0)), F.pad(mask, (length - new, 0))])
-
     def _drop(self) -> None:
         for row in self.rows:
             if row.finished is None and row.request.cancelled.is_set():
@@ -330,15 +334,9 @@ class Engine:
                 self._finish_request(row.request, row.finished)
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
-            self.cache, self.mask = None, None
+            self.cache = None
             return
-        index = torch.tensor(keep)
-        mask = self.mask.index_select(0, index)
-        first = int(mask.any(0).long().argmax())  # columns before it are padding in every row left
-        self.mask = mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-            layer.values = layer.values.index_select(0, index)[:, :, first:]
+        self.cache.keep_rows(keep)
 
     def _check_cache_layout(self) -> None:
         """Serving edits the KV cache directly, so it must be the plain per-layer keys/values kind."""
@@ -346,9 +344,9 @@ class Engine:
 
         with self.lock:
             _, cache = self._forward(
-                torch.tensor([[self.pad]]),
-                torch.ones((1, 1), dtype=torch.long),
-                torch.zeros((1, 1), dtype=torch.long),
+                torch.tensor([[self.pad]], device=self.device),
+                torch.ones((1, 1), dtype=torch.long, device=self.device),
+                torch.zeros((1, 1), dtype=torch.long, device=self.device),
                 None,
                 [None],
             )
@@ -373,7 +371,7 @@ class Engine:
         with self._cv:
             waiting, self.waiting = list(self.waiting), deque()
         with self.lock:
-            rows, self.rows, self.cache, self.mask = self.rows, [], None, None
+            rows, self.rows, self.cache = self.rows, [], None
         for request in waiting + [r.request for r in rows]:
             request.events.put(("error", message))
             self._release(request)
