@@ -15,6 +15,7 @@ Decoding (one token per row) is memory-bound: each row reads its own r·(k+d) fa
 gather would copy them once more before the matmul reads them. There, the A side is a sampled
 matmul (SDDMM: x·Aᵀ evaluated only at each row's r columns of the flat stack) and the B side an
 `embedding_bag` (each row's weighted sum of its r rows of (s·B)ᵀ), both reading the stack in place.
+When every row uses the same adapter (one stream) its slot is read directly: two plain matmuls.
 
 For inference the stack persists and is kept in sync incrementally: a new or changed adapter
 rewrites only its own slot (hot-loading costs one slot copy per layer), a deleted one frees its
@@ -197,6 +198,7 @@ class RowIndex:
     def __init__(self, key: tuple[tuple[int, ...], torch.device, int, int]):
         self.key = key
         self.slots = torch.tensor(key[0], dtype=torch.long, device=key[1])
+        self.shared = key[0][0] if len(set(key[0])) == 1 else None  # the one slot every row uses, if any
         self._decode: tuple[Tensor, Tensor] | None = None
 
     def decode_indices(self) -> tuple[Tensor, Tensor]:
@@ -271,7 +273,12 @@ def linear_rows(layer, x: Tensor, out: Tensor) -> Tensor:
         return out
     index, a, b_t, dora = route
     x3 = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)
-    if x3.shape[1] == 1 and not (torch.is_grad_enabled() and a.requires_grad):
+    decoding = x3.shape[1] == 1 and not (torch.is_grad_enabled() and a.requires_grad)
+    if decoding and index.shared is not None and dora is None and out.dtype == a.dtype:
+        # every row uses one adapter (lorakit generate, one stream): two plain matmuls, the add fused
+        s = index.shared
+        return torch.addmm(out.reshape(rows, -1), torch.mm(x3[:, 0], a[s].t()), b_t[s]).view(out.shape)
+    if decoding:
         delta = _delta_decode(index, x3[:, 0], a, b_t).view(out.shape)
     else:
         xa = torch.bmm(x3, a.index_select(0, index.slots).transpose(1, 2))  # (rows, tokens, r_max)
