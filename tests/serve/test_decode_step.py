@@ -13,8 +13,8 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.model_state import lora_layers
 from lorakit.quant import quantize_base
-from lorakit.registry import lora_layers
 from lorakit.serve import Engine, SamplingParams
 from lorakit.serve.decode_step import lean_layers
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from ..mixed_batch import per_row
-from ..registry import require_adapter
+from ..model_state import require_adapter
 from .adapter_cache import AdapterCache
 from .decode_step import decode_step, lean_layers
 from .kv_cache import StaticKV
