@@ -101,3 +101,27 @@ def test_a_file_missing_one_expert_parameter_is_refused(tmp_path):
     with pytest.raises(LorakitError, match=r"no tensors for parameter 'model.layers.1.mlp.experts.gate_up_proj'"):
         lorakit.load_adapter(fresh, tmp_path / "a")
     assert not list(lorakit.model_state.lora_layers(fresh))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "target"),
+    [
+        ({"format": "kohya"}, "format='kohya'"),
+        ({"format": "diffusers"}, "format='diffusers'"),
+        ({"fold_scales": True}, "fold_scales"),
+    ],
+)
+def test_formats_without_expert_stacks_refuse_them(kwargs, target, tmp_path):
+    model = lorakit.inject(tiny_moe("mixtral"), LoraConfig(r=2, target_modules=[], target_parameters=EXPERT_PARAMETERS))
+    out = tmp_path / ("a.safetensors" if kwargs.get("format") == "kohya" else "a")
+    with pytest.raises(LorakitError, match=f"adapts expert parameters \\(target_parameters\\), which {target}"):
+        lorakit.save_adapter(model, out, **kwargs)
+    assert not out.exists()
+
+
+def test_gguf_adapter_export_refuses_expert_stacks():
+    from lorakit.formats.gguf import adapter_tensors
+
+    model = lorakit.inject(tiny_moe("mixtral"), LoraConfig(r=2, target_modules=[], target_parameters=EXPERT_PARAMETERS))
+    with pytest.raises(LorakitError, match="a llama.cpp LoRA adapter \\(use --merged\\)"):
+        adapter_tensors(model, "default")

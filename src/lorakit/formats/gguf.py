@@ -76,9 +76,10 @@ def tensor_name(model: nn.Module, param: str) -> str:
 def adapter_tensors(model: nn.Module, name: str) -> tuple[float, dict[str, Tensor]]:
     """(α, {gguf name: tensor}) for adapter `name`: .lora_a / .lora_b pairs as llama.cpp reads them."""
     from ..model_state import adapter_configs, require_adapter
-    from .peft import adapter_state
+    from .peft import adapter_state, require_modules_only
 
     require_adapter(model, name)
+    require_modules_only(model, name, "a llama.cpp LoRA adapter (use --merged)")
     config = adapter_configs(model)[name]
     if config.use_dora or config.modules_to_save or config.bias != "none":
         what = "DoRA magnitudes" if config.use_dora else "modules_to_save" if config.modules_to_save else "biases"

@@ -173,6 +173,17 @@ def adapter_state(model: nn.Module, name: str, pure: bool = False) -> tuple[dict
 SAVE_FORMATS = ("peft", "diffusers", "kohya")
 
 
+def require_modules_only(model: nn.Module, name: str, target: str) -> None:
+    """Expert stacks (target_parameters) exist only in PEFT's own layout: every converted format reads a factor
+    pair as one d x k matrix, not E of them (layers/experts.py), so such an adapter is refused there."""
+    require_adapter(model, name)
+    if adapter_configs(model)[name].target_parameters:
+        raise LorakitError(
+            f"adapter '{name}' adapts expert parameters (target_parameters), which {target} cannot hold (one LoRA "
+            "pair per matrix, not one per expert); save it in PEFT's format without fold_scales, or merge it"
+        )
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -199,6 +210,8 @@ def save_adapter(
 
     if format not in SAVE_FORMATS:
         raise LorakitError(f"format={format!r} is not a format lorakit writes; use one of {', '.join(SAVE_FORMATS)}")
+    if format != "peft" or fold_scales:
+        require_modules_only(model, name, f"format={format!r}" if format != "peft" else "fold_scales")
     tensors, peft_config = adapter_state(model, name, pure=pure)
     if fold_scales:
         peft_config, tensors = fold.fold_scales(peft_config, tensors)
