@@ -86,3 +86,42 @@ def test_generate_until_equals_reference(served):
     ]
     got = local_completions(server, model_dir, "poet").generate_until(requests, disable_tqdm=True)
     assert got == [reference.text("poet", c, 8).split("\n\n")[0] for c in contexts]
+
+
+def test_multiple_choice_task_file_scores_like_hf_peft(served, tmp_path):
+    """A whole lm-eval run (simple_evaluate) of a local multiple-choice task file, served vs hf + peft."""
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    server, model_dir, adapters_dir, _ = served
+    docs = [
+        {"question": "SELECT name", "choices": [" FROM users", " the lazy dog", " a summer's day"], "answer": 0},
+        {"question": "Shall I compare thee", "choices": [" to a summer's day?", " FROM users", " + b"], "answer": 0},
+        {"question": "def add(a, b):", "choices": ["\n    return a + b", " hello world", " the quick"], "answer": 0},
+    ]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "lorakit_mc.yaml").write_text(
+        "task: lorakit_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    tasks = TaskManager(include_path=str(tmp_path))
+    runs = {}
+    for name, model, args in [
+        ("served", "local-completions", dict(base_url=server.url + "/v1/completions", model="sql")),
+        ("hf", "hf", dict(pretrained=str(model_dir), peft=str(adapters_dir / "sql"), device="cpu")),
+    ]:
+        args.update(tokenizer=str(model_dir), max_length=64)
+        if model == "local-completions":
+            args["tokenizer_backend"] = "huggingface"
+        runs[name] = lm_eval.simple_evaluate(
+            model=model, model_args=args, tasks=["lorakit_mc"], task_manager=tasks, log_samples=True
+        )
+    served_run, hf_run = runs["served"], runs["hf"]
+    assert served_run["results"]["lorakit_mc"]["acc,none"] == hf_run["results"]["lorakit_mc"]["acc,none"]
+    for mine, theirs in zip(served_run["samples"]["lorakit_mc"], hf_run["samples"]["lorakit_mc"]):
+        for (ll, greedy), (ll_hf, greedy_hf) in zip((r[0] for r in mine["resps"]), (r[0] for r in theirs["resps"])):
+            assert ll == pytest.approx(ll_hf, abs=1e-4) and greedy == greedy_hf
