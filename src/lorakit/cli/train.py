@@ -71,12 +71,12 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--epochs", type=float, metavar="N", help="passes over the data (fractions allowed)")
     opt.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch per process (default 8)")
     opt.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (default 1)")
-    opt.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default 1e-3)")
+    opt.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default 3e-3: docs/default-rates)")
     opt.add_argument(
         "--head-lr",
         type=float,
         metavar="X",
-        help="peak learning rate of saved / new heads, e.g. a classifier (default 1e-2)",
+        help="peak learning rate of saved / new heads, e.g. a classifier (default: --lr)",
     )
     opt.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default 0)")
     opt.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps (default 0)")
