@@ -26,7 +26,7 @@ from .config import LoraConfig
 from .errors import LorakitError
 from .formats import load_adapter, save_adapter
 from .inject import inject
-from .mixed_batch import per_row
+from .per_row import per_row
 from .prefix import PrefixConfig, active_prefix, add_prefix, delete_prefix, list_prefixes, set_prefix
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import LorakitError
+from .errors import LorakitError, merged_error
 from .layers import LoraLayer, SavedModule, innermost
 from .model_state import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 from .quant.convert import dequantize_base
@@ -36,9 +36,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
         require_adapter(model, name)
     merged = merged_adapter(model)
     if merged is not None and merged != name:
-        raise LorakitError(
-            f"adapter '{merged}' is merged into the weights; call lorakit.unmerge(model) before switching"
-        )
+        raise merged_error(merged, "switching")
     for _, module in walk(model):
         if isinstance(module, (LoraLayer, SavedModule)):
             module.active = name

@@ -40,7 +40,7 @@ class BaseMismatchWarning(UserWarning):
 def original_weight(module: nn.Module) -> Tensor:
     """The (d x k) base weight as it was before any adapter touched it."""
     layer = module if isinstance(module, LoraLayer) else wrap(module)  # a throwaway view, the model is untouched
-    weight = layer._weight_2d().detach().float()
+    weight = layer.weight_2d().detach().float()
     if layer.merged is not None:
         delta = layer.delta_weight(layer.merged).detach().float()
         factor = layer._dora_factor

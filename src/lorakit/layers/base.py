@@ -4,10 +4,10 @@ Every adapted weight is seen as a matrix W (d x k): d outputs, k inputs (a Linea
 GPT-2 Conv1D's weight transposed, an Embedding table transposed, a Conv kernel flattened per output
 channel). Adapter `n` holds A (r x k) and B (d x r) and adds ΔW = s·B·A, s = alpha/r.
 
-Subclasses say how W maps to that matrix view (`_weight_2d`) and how the low-rank term s·B·A·x is
+Subclasses say how W maps to that matrix view (`weight_2d`) and how the low-rank term s·B·A·x is
 computed for their input (`_low_rank`); this class keeps the storage, the initialisations, the
-forward template, DoRA, merge / unmerge, and the stacked copy of all adapters that a mixed batch
-gathers from (one row per adapter, slot 0 = no adapter).
+forward template, DoRA, merge / unmerge, and the per-row interface (the slot stack of all adapters
+that a batch with one adapter per row gathers from, per_row_stack.py).
 
 DoRA (arXiv:2402.09353) rescales each output channel of the adapted weight to a learned magnitude:
 
@@ -21,14 +21,16 @@ for every kind: a Conv's output channel row spans c_in x kernel, an Embedding's 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LorakitError
-from . import rows
+from ..errors import LorakitError, merged_error
+from .per_row import PerRow
+from .per_row_stack import SlotStack, Stacked
 
 
 @dataclass
@@ -57,11 +59,14 @@ class LoraLayer(nn.Module):
         self.specs: dict[str, AdapterSpec] = {}
         self.active: str | None = None  # adapter used by forward; None = base only
         self.merged: str | None = None  # adapter currently folded into the base weight
-        self.row_adapters: list[str | None] | None = None  # set by lorakit.per_row
+        self.per_row: PerRow | None = None  # set by lorakit.per_row: each batch row's own adapter
         self._dora_factor: Tensor | None = None  # m / ||W + ΔW|| at merge time, to unmerge exactly
         self._pissa_start: dict[str, tuple[Tensor, Tensor]] = {}
-        self._row_stack = None  # rows.SlotStack: every adapter padded into one stack, for mixed batches
-        self._row_slots = None  # rows.RowIndex: each row's slot in the last mixed batch
+        self._stack = SlotStack()  # every adapter padded into one stack, for per-row batches
+        # A, B and m by name: the ParameterDicts' own dicts (changed in place as adapters come and go),
+        # held here because per-row batches read them for every adapter of every layer at each step
+        # and a plain dict lookup costs ~1/20 of ParameterDict's.
+        self._by_name = (self.lora_A._parameters, self.lora_B._parameters, self.lora_magnitude._parameters)
 
     # ----- what subclasses define ------------------------------------------------------------
     def weight_param(self) -> Tensor:
@@ -76,7 +81,7 @@ class LoraLayer(nn.Module):
         """The name the config's patterns (rank_pattern, alpha_pattern) match for the layer at `path`."""
         return path
 
-    def _weight_2d(self) -> Tensor:
+    def weight_2d(self) -> Tensor:
         """The base weight as a (d x k) view that shares storage with it."""
         raise NotImplementedError
 
@@ -107,11 +112,11 @@ class LoraLayer(nn.Module):
 
     @property
     def out_dim(self) -> int:
-        return self._weight_2d().shape[0]
+        return self.weight_2d().shape[0]
 
     @property
     def in_dim(self) -> int:
-        return self._weight_2d().shape[1]
+        return self.weight_2d().shape[1]
 
     # ----- adapters --------------------------------------------------------------------------
     def add_adapter(
@@ -128,7 +133,7 @@ class LoraLayer(nn.Module):
         problem = self.refusal(spec)
         if problem:
             raise LorakitError(problem)
-        weight = self._weight_2d()
+        weight = self.weight_2d()
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
         if factors is not None:  # loading from a file: no initialisation to throw away
             a, b = (t.detach().to(device=weight.device, dtype=dtype).contiguous() for t in factors)
@@ -143,7 +148,7 @@ class LoraLayer(nn.Module):
             self._init_pissa(name)
         if spec.use_dora:
             with torch.no_grad():
-                magnitude = self._weight_2d().float().norm(dim=1).to(dtype).reshape(self.magnitude_shape())
+                magnitude = self.weight_2d().float().norm(dim=1).to(dtype).reshape(self.magnitude_shape())
             self.lora_magnitude[name] = nn.Parameter(magnitude)
 
     def _init_pair(self, a: Tensor, b: Tensor, spec: AdapterSpec, generator: torch.Generator | None) -> None:
@@ -160,7 +165,7 @@ class LoraLayer(nn.Module):
         spec = self.specs[name]
         self._writable_base()
         with torch.no_grad():
-            weight = self._weight_2d()
+            weight = self.weight_2d()
             u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
             root = (s[: spec.r] / spec.scale).sqrt()
             b = u[:, : spec.r] * root
@@ -187,7 +192,7 @@ class LoraLayer(nn.Module):
         if name in self._pissa_start:  # give the base back the top-r part PiSSA took from it
             a0, b0 = self._pissa_start.pop(name)
             with torch.no_grad():
-                weight = self._weight_2d()
+                weight = self.weight_2d()
                 weight.add_(
                     (self.specs[name].scale * b0.reshape(self.out_dim, -1) @ a0.reshape(a0.shape[0], -1)).to(
                         weight.dtype
@@ -253,25 +258,24 @@ class LoraLayer(nn.Module):
 
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """out = base(x), plus the live adapter's term; in a mixed batch, each row's own adapter's."""
+        """out = base(x), plus the live adapter's term; under lorakit.per_row, each row's own adapter's."""
         out = self.base_layer(x)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, out)
+        if self.per_row is not None:
+            return self._forward_per_row(x, out)
         name = self.live_adapter()
         if name is None:
             return out
         spec = self.specs[name]
         x = self._dropout(x, spec)
         if spec.use_dora:
-            return out + self.dora_term(x, out, name).to(out.dtype)
-        return self._add_low_rank(out, x, name)
+            return out + self.adapter_term(x, out, name).to(out.dtype)
+        return self._add_low_rank(out, x, name)  # out + s·B·A·x, the add fused where the kind allows
 
-    def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    # ----- DoRA ------------------------------------------------------------------------------
-    def dora_term(self, x: Tensor, out: Tensor, name: str) -> Tensor:
-        """(g - 1)·W0·x + g·s·B·A·x, what DoRA adds to the base output `out` (module docstring)."""
+    def adapter_term(self, x: Tensor, out: Tensor, name: str) -> Tensor:
+        """What adapter `name` adds to the base output `out` of input x: s·B·A·x, or for DoRA
+        (g - 1)·W0·x + g·s·B·A·x (module docstring)."""
+        if not self.specs[name].use_dora:
+            return self._low_rank(x, name)
         g = self._per_channel(self.dora_scale(name))
         if self.specs[name].dropout and self.training:  # dropout changed x: W0·x is recomputed on it
             base = self._base_product(x)
@@ -282,7 +286,7 @@ class LoraLayer(nn.Module):
 
     def dora_scale(self, name: str) -> Tensor:
         """g = m / ||W + s·B·A||, a (d,) vector: one per output row; the norm is detached (DoRA paper, Sec. 4.3)."""
-        weight, magnitude = self._weight_2d(), self.lora_magnitude[name].reshape(-1)
+        weight, magnitude = self.weight_2d(), self.lora_magnitude[name].reshape(-1)
         with torch.no_grad():
             norm = (weight.float() + self.delta_weight(name).float()).norm(dim=1).to(magnitude.dtype)
         return magnitude / norm
@@ -294,10 +298,10 @@ class LoraLayer(nn.Module):
         if self.merged == name or name not in self.specs:
             return
         if self.merged is not None:
-            raise LorakitError(f"adapter '{self.merged}' is already merged; call unmerge first")
+            raise merged_error(self.merged, f"merging '{name}'")
         self._writable_base()
         with torch.no_grad():
-            weight = self._weight_2d()
+            weight = self.weight_2d()
             delta = self.delta_weight(name)
             if self.specs[name].use_dora:
                 factor = self.dora_scale(name)
@@ -313,7 +317,7 @@ class LoraLayer(nn.Module):
             return
         name, self.merged = self.merged, None
         with torch.no_grad():
-            weight = self._weight_2d()
+            weight = self.weight_2d()
             delta = self.delta_weight(name)
             if self._dora_factor is not None:
                 restored = weight.double() / self._dora_factor[:, None].double() - delta.double()
@@ -322,14 +326,37 @@ class LoraLayer(nn.Module):
             else:
                 weight.sub_(delta.to(weight.dtype))
 
-    # ----- mixed batches (rows.py) ----------------------------------------------------------
-    def stacked(self, used: list[str] | None = None) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
-        """Slot per adapter, A (n+1, r_max, k), (s·B)ᵀ (n+1, r_max, d), DoRA scale (n+1, d) or None."""
-        return rows.stacked(self, used)
+    # ----- per-row batches (per_row.py, per_row_stack.py) ------------------------------------
+    def _forward_per_row(self, x: Tensor, out: Tensor) -> Tensor:
+        """`out` plus, for each row b of the batch, the term of adapter `self.per_row.names[b]`."""
+        raise NotImplementedError
 
-    def row_slots(self, slot: dict[str, int], batch: int, device: torch.device) -> Tensor:
-        """Index of each row's adapter in `stacked()` (0 = base only for that row)."""
-        return rows.row_slots(self, slot, batch, device).slots
+    def stacked(self, used: list[str] | None = None) -> Stacked:
+        """Slot per adapter, A (n+1, r_max, k), (s·B)ᵀ (n+1, r_max, d), DoRA's g (n+1, d) or None;
+        slot 0 is no adapter. `used` (adapters of this layer; default all) are guaranteed in it."""
+        return self._stack.stacked(self, list(self.specs) if used is None else used)
+
+    def reserve_slots(self, count: int) -> None:
+        """Room for `count` adapters in the per-row stack now, so later loads never grow it."""
+        self._stack.reserve(count)
+
+    def adapter_tensors(self) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, Tensor]]:
+        """A, B and DoRA's m of every adapter, by name (read them, never write: add_adapter and
+        delete_adapter are the way in and out)."""
+        return self._by_name
+
+    def adapter_keys(self, names: list[str]) -> list[tuple]:
+        """For each adapter, what its output depends on: the identities and versions of A and B (and
+        of m and W0 for DoRA) and its scale. Equal keys mean an unchanged adapter as long as the caller
+        holds on to the tensors (so that no id is reused); the per-row stack recopies only the others."""
+        (a_of, b_of, m_of), specs = self._by_name, self.specs
+        w0 = self.weight_2d()._version if m_of else None
+        keys = []
+        for name in names:
+            a, b, m = a_of[name], b_of[name], m_of.get(name)
+            key = (id(a), a._version, id(b), b._version, specs[name].scale)
+            keys.append(key if m is None else (*key, id(m), m._version, w0))
+        return keys
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from . import rows
 from .base import LoraLayer
+from .per_row import conv_forward
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -34,7 +34,7 @@ class Conv(LoraLayer):
         super().__init__(base_layer)
         self.kernel_dims = base_layer.weight.dim() - 2
 
-    def _weight_2d(self) -> Tensor:
+    def weight_2d(self) -> Tensor:
         weight = self.base_layer.weight
         return weight.view(weight.shape[0], -1)
 
@@ -58,6 +58,5 @@ class Conv(LoraLayer):
     def _base_product(self, x: Tensor) -> Tensor:
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
 
-    def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
-        """Convolutions have no batched-weight kernel: the rows are grouped by adapter (rows.py)."""
-        return rows.conv_rows(self, x, out)
+    def _forward_per_row(self, x: Tensor, out: Tensor) -> Tensor:
+        return conv_forward(self, x, out)  # no batched-weight conv kernel: rows grouped by adapter (per_row.py)

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import rows
 from .base import AdapterSpec, LoraLayer, add_scaled_product
+from .per_row import embedding_forward
 
 
 class Embedding(LoraLayer):
     """Wraps a frozen nn.Embedding."""
 
-    def _weight_2d(self) -> Tensor:
+    def weight_2d(self) -> Tensor:
         return self.base_layer.weight.T
 
     def _init_pair(self, a: Tensor, b: Tensor, spec: AdapterSpec, generator: torch.Generator | None) -> None:
@@ -51,5 +51,5 @@ class Embedding(LoraLayer):
         a, b = self.lora_A[name], self.lora_B[name]
         return add_scaled_product(out, self._lookup(ids, a.T), b, self.specs[name].scale)  # E[ids] + s·Aᵀ[ids]·Bᵀ
 
-    def _forward_rows(self, ids: Tensor, out: Tensor) -> Tensor:
-        return rows.embedding_rows(self, ids, out)
+    def _forward_per_row(self, ids: Tensor, out: Tensor) -> Tensor:
+        return embedding_forward(self, ids, out)  # each row's A columns looked up, one batched matmul (per_row.py)

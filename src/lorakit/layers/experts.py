@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from .base import AdapterSpec, LoraLayer
+from .per_row import check_unmerged
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -69,7 +70,7 @@ class ExpertParameter(LoraLayer):
     def weight_param(self) -> Tensor:
         return innermost(self.base_layer)._parameters[self.parameter_name]
 
-    def _weight_2d(self) -> Tensor:
+    def weight_2d(self) -> Tensor:
         """The parameter in its own layout (E x d x k, E x k x d when transposed, or d x k)."""
         return self.weight_param()
 
@@ -125,7 +126,7 @@ class ExpertParameter(LoraLayer):
         return delta if self.weight_param().dim() == 3 else delta[0]
 
     def stacked(self, used: list[str] | None = None):
-        """No slot stack: mixed batches run the module once per adapter (see _forward_rows)."""
+        """No slot stack: per-row batches run the module once per adapter (see _forward_per_row)."""
         weight = self.weight_param()
         return {}, weight.new_zeros((1, 1, self.in_dim)), weight.new_zeros((1, 1, self.out_dim)), None
 
@@ -143,30 +144,29 @@ class ExpertParameter(LoraLayer):
             owner._parameters[key] = original
 
     def forward(self, *args, **kwargs):
-        if self.row_adapters is not None:
-            return self._forward_rows(*args, **kwargs)
+        if self.per_row is not None:
+            return self._forward_per_row(*args, **kwargs)
         with self._weight_as(self.live_adapter()):
             return self.base_layer(*args, **kwargs)
 
     def _chain(self) -> list[ExpertParameter]:
         return list(parameter_layers(self).values())
 
-    def _forward_rows(self, x: Tensor, *args, **kwargs):
+    def _forward_per_row(self, x: Tensor, *args, **kwargs):
         """Row b's tokens are the b-th of len(rows) equal chunks of the leading dimension (a batch-major
         flattening, as MoE blocks do); each adapter's rows run through the module with its weights."""
-        rows, n = self.row_adapters, x.shape[0]
-        if self.merged is not None:
-            raise LorakitError(f"adapter '{self.merged}' is merged; call lorakit.unmerge(model) before per-row routing")
+        rows, n = self.per_row.names, x.shape[0]
+        check_unmerged(self.merged)
         if n % len(rows):
             raise LorakitError(
                 f"per_row was given {len(rows)} adapter names but this expert layer sees {n} tokens, which do not "
                 "split into that many rows; pass one name (or None) per batch row"
             )
-        per_row = torch.arange(n, device=x.device) // (n // len(rows))
+        row_of_token = torch.arange(n, device=x.device) // (n // len(rows))
         out = None
         for name in dict.fromkeys(rows):
             picked = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
-            index = torch.nonzero(torch.isin(per_row, picked)).flatten()
+            index = torch.nonzero(torch.isin(row_of_token, picked)).flatten()
             sliced = [a[index] if isinstance(a, Tensor) and a.shape[:1] == (n,) else a for a in (x, *args)]
             kw = {k: v[index] if isinstance(v, Tensor) and v.shape[:1] == (n,) else v for k, v in kwargs.items()}
             part = self._run_as(name, *sliced, **kw)
@@ -177,11 +177,11 @@ class ExpertParameter(LoraLayer):
     def _run_as(self, name: str | None, *args, **kwargs):
         """Run the nested chain with every wrapper set to adapter `name` alone (None: the base)."""
         chain = self._chain()
-        saved = [(layer.row_adapters, layer.active) for layer in chain]
+        saved = [(layer.per_row, layer.active) for layer in chain]
         try:
             for layer in chain:
-                layer.row_adapters, layer.active = None, name
+                layer.per_row, layer.active = None, name
             return self.forward(*args, **kwargs)
         finally:
-            for layer, (rows, active) in zip(chain, saved):
-                layer.row_adapters, layer.active = rows, active
+            for layer, (routing, active) in zip(chain, saved):
+                layer.per_row, layer.active = routing, active

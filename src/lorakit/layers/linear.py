@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import rows
 from .base import LoraLayer, add_scaled_product
+from .per_row import linear_forward
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -31,7 +31,7 @@ class Linear(LoraLayer):
     def base_changed(self) -> None:
         self.fan_in_fan_out = is_gpt2_conv1d(self.base_layer)  # Conv1D stores W transposed (in x out)
 
-    def _weight_2d(self) -> Tensor:
+    def weight_2d(self) -> Tensor:
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
@@ -52,8 +52,7 @@ class Linear(LoraLayer):
         return add_scaled_product(out, F.linear(x.to(a.dtype), a), b, self.specs[name].scale)  # one addmm
 
     def _base_product(self, x: Tensor) -> Tensor:
-        return F.linear(x, self._weight_2d().to(x.dtype))
+        return F.linear(x, self.weight_2d().to(x.dtype))
 
-    def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
-        """Each row b uses its own adapter: gather its A and B, then two batched matmuls (rows.py)."""
-        return rows.linear_rows(self, x, out)
+    def _forward_per_row(self, x: Tensor, out: Tensor) -> Tensor:
+        return linear_forward(self, x, out)  # each row's factors gathered, two batched matmuls (per_row.py)

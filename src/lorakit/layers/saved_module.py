@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from .per_row import PerRow
+
 
 class SavedModule(nn.Module):
     """Routes forward to the active adapter's copy of `original_module`."""
@@ -20,7 +22,7 @@ class SavedModule(nn.Module):
         self.original_module = original_module
         self.copies = nn.ModuleDict()
         self.active: str | None = None
-        self.row_adapters: list[str | None] | None = None
+        self.per_row: PerRow | None = None  # set by lorakit.per_row: each batch row's own copy
 
     def add_copy(self, name: str) -> None:
         original = self.original_module
@@ -40,11 +42,12 @@ class SavedModule(nn.Module):
         return self.copies[self.active] if self.active in self.copies else self.original_module
 
     def forward(self, *args, **kwargs):
-        if self.row_adapters is None:
+        if self.per_row is None:
             return self.current()(*args, **kwargs)
         out = self.original_module(*args, **kwargs)
-        for name in {n for n in self.row_adapters if n in self.copies}:
-            rows = torch.tensor([n == name for n in self.row_adapters], device=out.device)
+        names = self.per_row.names
+        for name in {n for n in names if n in self.copies}:
+            rows = torch.tensor([n == name for n in names], device=out.device)
             mask = rows.view(-1, *([1] * (out.dim() - 1)))
             out = torch.where(mask, self.copies[name](*args, **kwargs), out)
         return out

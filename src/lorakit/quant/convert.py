@@ -169,7 +169,7 @@ def merge_precision(model: nn.Module) -> list[tuple[str, str, float, float]]:
     for path, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or not is_quantized(layer.base_layer) or layer.live_adapter() is None:
             continue
-        base = layer._weight_2d().float()
+        base = layer.weight_2d().float()
         merged = base + layer.delta_weight(layer.live_adapter()).float()
         kind = layer.base_layer.storage.kind
         change = (torch.linalg.vector_norm(merged - base) / torch.linalg.vector_norm(base).clamp_min(1e-30)).item()

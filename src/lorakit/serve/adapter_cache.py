@@ -28,7 +28,6 @@ from ..adapters import delete_adapter
 from ..errors import LorakitError
 from ..formats import load_adapter
 from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
-from ..layers import rows
 from ..model_state import adapter_configs, check_adapter_name, lora_layers
 
 log = logging.getLogger("lorakit.serve")
@@ -132,7 +131,7 @@ class AdapterCache:
         with torch.no_grad():  # copy the new factors into each layer's slot stack now, not on first use
             for _, layer in lora_layers(self.model):
                 if name in layer.specs:
-                    rows.reserve(layer, self.capacity + 1)  # sized once for the cache: no growth on later loads
+                    layer.reserve_slots(self.capacity + 1)  # sized once for the cache: no growth on later loads
                     layer.stacked([name])
         self.loaded[name] = 1000 * (time.perf_counter() - start)
         log.info("loaded adapter %s in %.1f ms (%d in memory)", name, self.loaded[name], len(self.loaded))

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from ..mixed_batch import per_row
 from ..model_state import require_adapter
+from ..per_row import per_row
 from .adapter_cache import AdapterCache
 from .decode_step import decode_step, lean_layers
 from .kv_cache import StaticKV

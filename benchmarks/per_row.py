@@ -1,4 +1,4 @@
-"""Mixed batches: lorakit's per_row (gather + batched matmul) vs PEFT's `adapter_names=`, same run.
+"""Mixed batches: lorakit.per_row (gather + batched matmul) vs PEFT's `adapter_names=`, same run.
 
 Model: a Llama-style ~150M model built from a config (hidden 768, 12 layers, intermediate 2560,
 vocab 32000), fp32 on the CPU; LoRA r=8 alpha=16 on q,k,v,o, with 64 adapters loaded on each side
@@ -15,9 +15,9 @@ order rotates between rounds, so background load hits all of them alike.
 Bars (issue 4), decode at 64 adapters: lorakit <= 1.3x base; lorakit's overhead above base <=
 1/3 of PEFT's; lorakit 64 adapters / 1 adapter <= 1.15.
 
-    python benchmarks/mixed_batch.py                       # the run recorded in RESULTS.md
-    python benchmarks/mixed_batch.py --rounds 1 --repeats 2 --prefill-repeats 1  # a quick look
-    python benchmarks/mixed_batch.py --kernels             # one layer's decode kernel vs gather + bmm
+    python benchmarks/per_row.py                       # the run recorded in RESULTS.md
+    python benchmarks/per_row.py --rounds 1 --repeats 2 --prefill-repeats 1  # a quick look
+    python benchmarks/per_row.py --kernels             # one layer's decode kernel vs gather + bmm
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def kernel_times(rows: int = 64, adapters: int = 64, d: int = 768, repeats: int 
     the in-place decode kernel lorakit uses vs gathering each row's factors + two bmm calls."""
     import torch.nn.functional as F
 
-    from lorakit.layers.rows import RowIndex, _delta_decode
+    from lorakit.layers.per_row import RowIndex, delta_decode
 
     generator = torch.Generator().manual_seed(3)
     a = torch.randn(adapters + 1, R, d, generator=generator)
@@ -139,7 +139,7 @@ def kernel_times(rows: int = 64, adapters: int = 64, d: int = 768, repeats: int 
         return torch.bmm(xa, b_t.index_select(0, index.slots))[:, 0]
 
     def in_place():
-        return _delta_decode(index, x, a, b_t)
+        return delta_decode(index, x, a, b_t)
 
     def base():
         return F.linear(x, weight)  # the frozen layer itself, for scale
@@ -172,7 +172,7 @@ def main() -> None:
         default=1,
         help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)",
     )
-    parser.add_argument("--json", default="benchmarks/results/mixed_batch.json")
+    parser.add_argument("--json", default="benchmarks/results/per_row.json")
     parser.add_argument(
         "--kernels", action="store_true", help="only time one layer's decode kernels (768x768, 64 rows, 64 adapters)"
     )
@@ -181,7 +181,7 @@ def main() -> None:
     if args.kernels:
         result = kernel_times()
         print(", ".join(f"{k} {v:.0f}" for k, v in result.items()))
-        path = Path(args.json).with_name("mixed_batch_kernels.json")
+        path = Path(args.json).with_name("per_row_kernels.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             json.dumps(
