@@ -8,7 +8,7 @@ from tiny_models import conv_inputs, conv_net, randomize_adapter, tiny_gpt2, tin
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
-from lorakit.layers import LoraLayer, SavedModule
+from lorakit.layers import LoraWrapper, SavedModule
 
 
 def two_adapter_llama():
@@ -85,7 +85,7 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs():
     ids = token_ids()
     before = model(ids).logits
     plain = lorakit.merge_and_unload(model)
-    assert not any(isinstance(m, (LoraLayer, SavedModule)) for m in plain.modules())
+    assert not any(isinstance(m, (LoraWrapper, SavedModule)) for m in plain.modules())
     assert "lorakit_configs" not in plain.__dict__
     torch.testing.assert_close(plain(ids).logits, before, atol=1e-5, rtol=0)
     fresh = tiny_gpt2()
@@ -97,7 +97,7 @@ def test_delete_adapter_restores_original_structure():
     lorakit.delete_adapter(model, "poet")
     assert lorakit.list_adapters(model) == ["sql"]
     lorakit.delete_adapter(model, "sql")
-    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert not any(isinstance(m, LoraWrapper) for m in model.modules())
     assert set(model.state_dict()) == set(base.state_dict())
     torch.testing.assert_close(model(token_ids()).logits, base(token_ids()).logits)
     assert lorakit.active_adapter(model) is None

@@ -294,11 +294,11 @@ def test_bad_base_dtype_is_refused_before_anything_changes(base_dtype):
 @pytest.mark.parametrize("fail_at", [1, 3])
 def test_a_failure_while_applying_is_undone_bitwise(init, fail_at, monkeypatch):
     """Out of memory half way through: every wrapped layer, added adapter and PiSSA residual is undone."""
-    from lorakit.layers import LoraLayer
+    from lorakit.layers import LoraWrapper
 
     model = tiny_llama()
     before = snapshot(model)
-    original, calls = LoraLayer.add_adapter, []
+    original, calls = LoraWrapper.add_adapter, []
 
     def flaky(self, *args, **kwargs):
         calls.append(1)
@@ -306,7 +306,7 @@ def test_a_failure_while_applying_is_undone_bitwise(init, fail_at, monkeypatch):
         if len(calls) == fail_at:
             raise MemoryError
 
-    monkeypatch.setattr(LoraLayer, "add_adapter", flaky)
+    monkeypatch.setattr(LoraWrapper, "add_adapter", flaky)
     with pytest.raises(LorakitError, match="not enough memory"):
         lorakit.inject(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init=init))
     assert_unchanged(model, before)

@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
-from lorakit.layers import Linear, LoraLayer, SavedModule
+from lorakit.layers import Linear, LoraWrapper, SavedModule
 from lorakit.model_state import lora_layers
 
 
@@ -81,7 +81,7 @@ def test_failed_inject_leaves_model_unchanged():
     reference = copy.deepcopy(model.state_dict())
     with pytest.raises(LorakitError, match="'head'.*exceeds"):  # conv2d (6 x 27) takes r=20, head (5 x 18) not
         lorakit.inject(model, LoraConfig(r=20, target_modules=["conv2d", "head"], use_dora=True))
-    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert not any(isinstance(m, LoraWrapper) for m in model.modules())
     assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LorakitError, merged_error
-from .layers import LoraLayer, SavedModule, innermost
+from .layers import LoraWrapper, SavedModule, innermost
 from .model_state import adapter_configs, bias_backups, lora_layers, require_adapter, saved_modules, set_submodule, walk
 from .quant.convert import dequantize_base
 
@@ -38,7 +38,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     if merged is not None and merged != name:
         raise merged_error(merged, "switching")
     for _, module in walk(model):
-        if isinstance(module, (LoraLayer, SavedModule)):
+        if isinstance(module, (LoraWrapper, SavedModule)):
             module.active = name
     model.__dict__["lorakit_active"] = name
     return model
@@ -215,7 +215,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     rows = []
     for path, layer in lora_layers(model):
         adapters = ", ".join(f"{n}({s.r})" for n, s in layer.specs.items())
-        nested = {id(p) for p in layer.base_layer.parameters()} if isinstance(layer.base_layer, LoraLayer) else set()
+        nested = {id(p) for p in layer.base_layer.parameters()} if isinstance(layer.base_layer, LoraWrapper) else set()
         n_trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad and id(p) not in nested)
         shape = f"{layer.out_dim} x {layer.in_dim}"
         kind = type(layer.base_layer).__name__

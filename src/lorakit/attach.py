@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .adapters import canonical, owned_biases, set_adapter, set_trainable
 from .config import LoraConfig, pattern_matches
 from .errors import LorakitError
-from .layers import AdapterSpec, LoraLayer, SavedModule, layer_class, wrap
+from .layers import AdapterSpec, LoraWrapper, SavedModule, layer_class, wrap
 from .model_state import adapter_configs, bias_backups, check_adapter_name, set_submodule, walk
 from .targets import base_of, find_targets, matches, parameter_wrappers
 
@@ -42,8 +42,8 @@ class LayerChange:
     """One adapted module: the wrapper to put at `path` and what to add to it."""
 
     path: str
-    module: nn.Module  # what sits at `path` now (a base layer or a LoraLayer)
-    layer: LoraLayer  # the wrapper (== module when it is already a LoraLayer)
+    module: nn.Module  # what sits at `path` now (a base layer or a LoraWrapper)
+    layer: LoraWrapper  # the wrapper (== module when it is already a LoraWrapper)
     spec: AdapterSpec
     factors: tuple[Tensor, Tensor] | None = None  # (A, B) shaped like the layer's; None = initialise per spec.init
     magnitude: Tensor | None = None  # DoRA's m, from a file
@@ -115,7 +115,7 @@ def check_finite(tensors: dict[str, Tensor]) -> None:
         raise LorakitError(f"adapter tensor '{key}' holds NaN or infinite values; the adapter is corrupt")
 
 
-def check_target(path: str, layer: LoraLayer, spec: AdapterSpec) -> None:
+def check_target(path: str, layer: LoraWrapper, spec: AdapterSpec) -> None:
     """Raise now for anything applying would refuse (the layer's own rules), so a failure changes nothing."""
     problem = layer.refusal(spec)
     if problem:
@@ -132,9 +132,9 @@ def _check_patterns(config: LoraConfig, paths: list[str]) -> None:
                 )
 
 
-def _wrapper(path: str, module: nn.Module) -> LoraLayer:
+def _wrapper(path: str, module: nn.Module) -> LoraWrapper:
     """The LoRA layer for `path`: the one already there, or a new wrapper (not yet put in the model)."""
-    if isinstance(module, LoraLayer):
+    if isinstance(module, LoraWrapper):
         return module
     try:
         return wrap(module)
@@ -145,7 +145,7 @@ def _wrapper(path: str, module: nn.Module) -> LoraLayer:
 def _saved_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     if not config.modules_to_save:
         return []
-    return [(p, m) for p, m in walk(model) if matches(config.modules_to_save, p) and not isinstance(m, LoraLayer)]
+    return [(p, m) for p, m in walk(model) if matches(config.modules_to_save, p) and not isinstance(m, LoraWrapper)]
 
 
 # ----- plans -------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def _layer_change(
     path: str,
     parts: dict[str, Tensor],
     targets: dict | None,
-    wrapped: tuple[nn.Module, LoraLayer] | None = None,
+    wrapped: tuple[nn.Module, LoraWrapper] | None = None,
 ) -> LayerChange:
     """The change for the factors at `path`: a module's wrapper, or `wrapped` (a parameter's, pre-built)."""
     config, key = adapter.config, adapter.keys

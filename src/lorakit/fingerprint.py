@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LorakitError
-from .layers import ExpertParameter, LoraLayer, innermost, is_adaptable, parameter_layers, wrap
+from .layers import ExpertParameter, LoraWrapper, innermost, is_adaptable, parameter_layers, wrap
 
 METADATA_KEY = "lorakit_base_fingerprint"
 VERSION = 1
@@ -39,7 +39,7 @@ class BaseMismatchWarning(UserWarning):
 
 def original_weight(module: nn.Module) -> Tensor:
     """The (d x k) base weight as it was before any adapter touched it."""
-    layer = module if isinstance(module, LoraLayer) else wrap(module)  # a throwaway view, the model is untouched
+    layer = module if isinstance(module, LoraWrapper) else wrap(module)  # a throwaway view, the model is untouched
     weight = layer.weight_2d().detach().float()
     if layer.merged is not None:
         delta = layer.delta_weight(layer.merged).detach().float()
@@ -83,7 +83,7 @@ def record(model: nn.Module, paths: list[str]) -> dict:
     for path in sorted(paths):
         module = model.get_submodule(path)
         weight = original_weight(module)
-        key = module.target_key(path) if isinstance(module, LoraLayer) else path  # a parameter: "<module>.<name>"
+        key = module.target_key(path) if isinstance(module, LoraWrapper) else path  # a parameter: "<module>.<name>"
         modules[key] = [*weight.shape, module_hash(weight)]
     return {"version": VERSION, "sample": SAMPLE, "modules": modules}
 
@@ -115,7 +115,7 @@ def compare(model: nn.Module, fingerprint: dict) -> list[str]:
         if module is None:
             differences.append(f"{path}: not in this model")
             continue
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base = module.base_layer if isinstance(module, LoraWrapper) else module
         if getattr(module, "parameter_name", None) is None and not is_adaptable(base):
             differences.append(f"{path}: a {type(base).__name__} here, not the adapted layer")
             continue

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LorakitError
-from .layers import LoraLayer, SavedModule
+from .layers import LoraWrapper, SavedModule
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,127}")
 
@@ -38,9 +38,9 @@ def bias_backups(model: nn.Module) -> dict[str, dict]:
     return model.__dict__.setdefault("lorakit_bias_backups", {})
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraWrapper]]:
     for path, module in walk(model):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraWrapper):
             yield path, module
 
 
@@ -56,9 +56,9 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
     while stack:
         path, child = stack.pop()
         yield path, child
-        if not isinstance(child, (LoraLayer, SavedModule)):
+        if not isinstance(child, (LoraWrapper, SavedModule)):
             stack.extend(children(child, path))
-        elif isinstance(getattr(child, "base_layer", None), LoraLayer):  # wrappers nest (several parameters)
+        elif isinstance(getattr(child, "base_layer", None), LoraWrapper):  # wrappers nest (several parameters)
             stack.append((f"{path}.base_layer", child.base_layer))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import merged_adapter
 from .errors import LorakitError
-from .layers import LoraLayer, SavedModule
+from .layers import LoraWrapper, SavedModule
 from .layers.per_row import PerRow, check_unmerged
 from .model_state import require_adapter, walk
 from .prefix import list_prefixes, prefixes
@@ -37,7 +37,7 @@ def per_row(model: nn.Module, names: Sequence[str | None]):
     for name in set(names) - {None} - own_prefixes:
         require_adapter(model, name)
     check_unmerged(merged_adapter(model))
-    routed = [m for _, m in walk(model) if isinstance(m, (LoraLayer, SavedModule))]
+    routed = [m for _, m in walk(model) if isinstance(m, (LoraWrapper, SavedModule))]
     holder = prefixes(model)
     batch = _routing(model, names)
     for module in routed:

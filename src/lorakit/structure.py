@@ -23,7 +23,7 @@ import logging
 from torch import nn
 
 from .errors import LorakitError
-from .layers import LoraLayer, is_gpt2_conv1d
+from .layers import LoraWrapper, is_gpt2_conv1d
 
 log = logging.getLogger("lorakit.targets")
 QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q", "q_linear", "project_q")
@@ -63,7 +63,7 @@ def _projections(model: nn.Module) -> list[tuple[str, int, int]]:
     head = get_head() if callable(get_head) else None
     found = []
     for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) or module is head or path.endswith("lm_head"):
+        if isinstance(module, LoraWrapper) or module is head or path.endswith("lm_head"):
             continue
         if is_gpt2_conv1d(module):
             found.append((path, module.weight.shape[0], module.weight.shape[1]))

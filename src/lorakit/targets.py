@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LorakitError
-from .layers import ExpertParameter, LoraLayer, SavedModule, innermost, is_adaptable, is_gpt2_conv1d, parameter_layers
+from .layers import ExpertParameter, LoraWrapper, SavedModule, innermost, is_adaptable, is_gpt2_conv1d, parameter_layers
 from .model_state import walk
 from .structure import default_targets
 
@@ -80,7 +80,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLayer) else module
+    return module.base_layer if isinstance(module, LoraWrapper) else module
 
 
 def _describe_candidates(model: nn.Module) -> str:
@@ -125,7 +125,7 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, tu
     return found
 
 
-def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, tuple[nn.Module, LoraLayer]]:
+def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, tuple[nn.Module, LoraWrapper]]:
     """{path: (what sits there now, its wrapper)} for every parameter `config` targets (target_parameters).
 
     The parameters of one module nest, the first registered innermost, so the wrapper of the i-th of k
@@ -135,7 +135,7 @@ def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, tuple[
     found = {}
     for path, (owner, names) in find_parameter_targets(model, config).items():
         current = model.get_submodule(path)
-        if isinstance(current, (LoraLayer, SavedModule)) and getattr(current, "parameter_name", None) is None:
+        if isinstance(current, (LoraWrapper, SavedModule)) and getattr(current, "parameter_name", None) is None:
             raise LorakitError(
                 f"'{path}' is adapted (or saved) as a module by another adapter; adapt its parameters or the module, "
                 "not both"
@@ -155,7 +155,7 @@ def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, tuple[
     return found
 
 
-def _parameter_wrapper(path: str, below: nn.Module, name: str) -> LoraLayer:
+def _parameter_wrapper(path: str, below: nn.Module, name: str) -> LoraWrapper:
     try:
         return ExpertParameter(below, name)
     except LorakitError as err:

@@ -66,7 +66,7 @@ def test_files_without_a_fingerprint_are_not_checked():
 
 def test_load_adapter_checks_the_fingerprint(tmp_path):
     """lorakit.load_adapter (every format) warns for another base, refuses it with strict=True, model unchanged."""
-    from lorakit.layers import LoraLayer
+    from lorakit.layers import LoraWrapper
 
     lorakit.save_adapter(adapted(), tmp_path / "a")
     with pytest.warns(BaseMismatchWarning):
@@ -75,7 +75,7 @@ def test_load_adapter_checks_the_fingerprint(tmp_path):
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(LorakitError, match="trained on other base weights"):
         lorakit.load_adapter(other, tmp_path / "a", strict=True)
-    assert not any(isinstance(m, LoraLayer) for m in other.modules())
+    assert not any(isinstance(m, LoraWrapper) for m in other.modules())
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
     import warnings
 

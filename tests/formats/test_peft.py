@@ -12,7 +12,7 @@ from tiny_models import conv_inputs, conv_net, randomize_adapter, tiny_bert, tin
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
-from lorakit.layers import LoraLayer
+from lorakit.layers import LoraWrapper
 
 CASES = {
     "llama": (tiny_llama, dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])),
@@ -158,7 +158,7 @@ def assert_refused_and_unchanged(directory, match, model=None):
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(LorakitError, match=match):
         lorakit.load_adapter(model, directory)
-    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert not any(isinstance(m, LoraWrapper) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "default" not in lorakit.list_adapters(model)
 

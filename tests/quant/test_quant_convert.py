@@ -11,7 +11,7 @@ from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.layers import LoraLayer
+from lorakit.layers import LoraWrapper
 from lorakit.quant import (
     ComputePlan,
     QuantEmbedding,
@@ -80,7 +80,7 @@ def test_a_bad_base_dtype_changes_nothing():
         LorakitError, match="base_dtype='nf4' is not supported; use one of fp32, bf16, fp16, int8, int4"
     ):
         lorakit.inject(model, LoraConfig(r=2, target_modules=["q_proj"]), base_dtype="nf4")
-    assert not any(isinstance(m, (LoraLayer, QuantLinear)) for m in model.modules())
+    assert not any(isinstance(m, (LoraWrapper, QuantLinear)) for m in model.modules())
     assert base_format(torch.bfloat16) == "bf16" and base_format("INT4") == "int4"
 
 
@@ -88,7 +88,7 @@ def test_merge_precision_compares_the_update_with_requantization_error():
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj"]), base_dtype="int4", seed=0)
     with torch.no_grad():
-        for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        for layer in (m for m in model.modules() if isinstance(m, LoraWrapper)):
             layer.lora_B["default"].fill_(1e-3)
     rows = merge_precision(model)
     assert [r[0] for r in rows] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

@@ -230,11 +230,11 @@ def write_merged(model: nn.Module, out: str | Path, tokenizer_dir: str | Path, d
     """The whole model (adapters already merged into its weights) as a llama.cpp GGUF model for llama-cli."""
     import gguf
 
-    from ..layers import LoraLayer
+    from ..layers import LoraWrapper
 
     if dtype not in DTYPES:
         raise LorakitError(f"dtype={dtype!r} is not one lorakit writes; use one of {', '.join(DTYPES)}")
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
+    if any(isinstance(m, LoraWrapper) for m in model.modules()):
         raise LorakitError("the model still holds LoRA layers; call lorakit.merge_and_unload(model) first")
     arch, _ = architecture(model)
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():

@@ -90,12 +90,12 @@ def to_kohya(
 
 def _names(model: nn.Module, prefix: str) -> dict[str, str]:
     """kohya name -> module path for every adaptable module of `model` (also under text_model. for CLIP)."""
-    from ..layers import LoraLayer
+    from ..layers import LoraWrapper
 
     legacy = legacy_prefix(model)
     names = {}
     for path, module in walk(model):
-        if is_adaptable(module.base_layer if isinstance(module, LoraLayer) else module):
+        if is_adaptable(module.base_layer if isinstance(module, LoraWrapper) else module):
             names[kohya_name(prefix, path)] = path
             if legacy:
                 names[kohya_name(prefix, legacy + path)] = path

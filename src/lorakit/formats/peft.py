@@ -23,7 +23,7 @@ from ..adapters import canonical, owned_biases
 from ..config import alpha_for_scale
 from ..errors import LorakitError
 from ..io import write_json, write_safetensors
-from ..layers import Embedding, LoraLayer, is_gpt2_conv1d
+from ..layers import Embedding, LoraWrapper, is_gpt2_conv1d
 from ..model_state import adapter_configs, lora_layers, require_adapter, saved_modules, walk
 
 PREFIX = "base_model.model."
@@ -32,7 +32,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True}  # PiSSA is saved converted to plain LoRA
 
 
-def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _factors(layer: LoraWrapper, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A and B as stored on disk. A PiSSA adapter is saved relative to the original W0:
     ΔW = s·(B·A - B0·A0) = s·[B, -B0]·[A; A0], a plain LoRA of rank 2r."""
     a, b, r = layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.specs[name].r

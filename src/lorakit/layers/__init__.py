@@ -3,7 +3,7 @@
 from torch import nn
 
 from ..errors import LorakitError
-from .base import AdapterSpec, LoraLayer
+from .base import AdapterSpec, LoraWrapper
 from .conv import Conv
 from .embedding import Embedding
 from .experts import ExpertParameter, innermost, parameter_layers
@@ -12,7 +12,7 @@ from .saved_module import SavedModule
 
 __all__ = [
     "AdapterSpec",
-    "LoraLayer",
+    "LoraWrapper",
     "Linear",
     "Embedding",
     "Conv",
@@ -31,7 +31,7 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_gpt2_conv1d(module)
 
 
-def layer_class(module: nn.Module) -> type[LoraLayer]:
+def layer_class(module: nn.Module) -> type[LoraWrapper]:
     """The LoRA layer class that wraps `module`: the one place that maps base layer kinds to wrappers."""
     if isinstance(module, nn.Embedding):
         return Embedding
@@ -44,6 +44,6 @@ def layer_class(module: nn.Module) -> type[LoraLayer]:
     )
 
 
-def wrap(module: nn.Module) -> LoraLayer:
+def wrap(module: nn.Module) -> LoraWrapper:
     """The LoRA layer for `module` (which it keeps as `base_layer`)."""
     return layer_class(module)(module)

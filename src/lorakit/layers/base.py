@@ -1,4 +1,5 @@
-"""LoraLayer: a frozen base layer plus any number of named low-rank adapters.
+"""LoraWrapper: a frozen base layer plus any number of named low-rank adapters (named for what it is, a
+wrapper around the base layer; loralib's `LoRALayer` mixin is a different thing, see loralib.py).
 
 Every adapted weight is seen as a matrix W (d x k): d outputs, k inputs (a Linear's weight, a
 GPT-2 Conv1D's weight transposed, an Embedding table transposed, a Conv kernel flattened per output
@@ -44,7 +45,7 @@ class AdapterSpec:
     init: str = "kaiming"
 
 
-class LoraLayer(nn.Module):
+class LoraWrapper(nn.Module):
     """Base class; holds `base_layer` (frozen) and adapters in ParameterDicts keyed by name."""
 
     parameter_name: str | None = None  # set by layers that adapt one parameter of a module (target_parameters)

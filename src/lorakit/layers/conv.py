@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from .base import LoraLayer
+from .base import LoraWrapper
 from .per_row import conv_forward
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class Conv(LoraLayer):
+class Conv(LoraWrapper):
     """Wraps a frozen nn.Conv1d, nn.Conv2d or nn.Conv3d (groups=1)."""
 
     def __init__(self, base_layer: nn.Module):

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AdapterSpec, LoraLayer, add_scaled_product
+from .base import AdapterSpec, LoraWrapper, add_scaled_product
 from .per_row import embedding_forward
 
 
-class Embedding(LoraLayer):
+class Embedding(LoraWrapper):
     """Wraps a frozen nn.Embedding."""
 
     def weight_2d(self) -> Tensor:

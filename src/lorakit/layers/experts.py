@@ -29,13 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from .base import AdapterSpec, LoraLayer
+from .base import AdapterSpec, LoraWrapper
 from .per_row import check_unmerged
 
 
 def innermost(module: nn.Module) -> nn.Module:
     """The module under every lorakit wrapper: the one that owns the parameters."""
-    while isinstance(module, LoraLayer):
+    while isinstance(module, LoraWrapper):
         module = module.base_layer
     return module
 
@@ -49,7 +49,7 @@ def parameter_layers(module: nn.Module) -> dict[str, ExpertParameter]:
     return found
 
 
-class ExpertParameter(LoraLayer):
+class ExpertParameter(LoraWrapper):
     """Wraps the module that owns parameter `parameter_name` (2-D, or 3-D with experts first)."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str):

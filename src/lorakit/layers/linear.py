@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LoraLayer, add_scaled_product
+from .base import LoraWrapper, add_scaled_product
 from .per_row import linear_forward
 
 
@@ -21,7 +21,7 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-class Linear(LoraLayer):
+class Linear(LoraWrapper):
     """Wraps a frozen nn.Linear (or GPT-2 Conv1D, `fan_in_fan_out=True`)."""
 
     def __init__(self, base_layer: nn.Module):

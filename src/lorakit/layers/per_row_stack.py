@@ -30,7 +30,7 @@ class SlotStack:
         self.slot: dict[str, int] = {}
         self.free: list[int] = []
         self.reserved = 8  # slots allocated up front; more double the stack (one copy each time)
-        # name -> (LoraLayer.adapter_keys entry, (A, B, m)) of what the slot was copied from. Holding the
+        # name -> (LoraWrapper.adapter_keys entry, (A, B, m)) of what the slot was copied from. Holding the
         # tensors keeps their ids from being reused, so a deleted and re-added adapter never passes for the old one.
         self.seen: dict[str, tuple] = {}
 

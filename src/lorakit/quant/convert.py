@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
-from ..layers import LoraLayer, SavedModule
+from ..layers import LoraWrapper, SavedModule
 from ..layers.linear import is_gpt2_conv1d
 from . import int4
 from .embedding import QuantEmbedding
@@ -86,7 +86,7 @@ def _head_weight_ids(model: nn.Module) -> set[int]:
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and not is_quantized(m)}
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    head = head.base_layer if isinstance(head, LoraLayer) else head
+    head = head.base_layer if isinstance(head, LoraWrapper) else head
     if head is not None and not is_quantized(head) and getattr(head, "weight", None) is not None:
         ids.add(id(head.weight))
     return ids
@@ -118,7 +118,7 @@ def quantize_base(model: nn.Module, fmt: str) -> dict[str, int]:
         else:
             new = QuantLinear(storage, bias=layer.bias, from_conv1d=conv1d)
         setattr(parent, name, new)
-        if isinstance(parent, LoraLayer):
+        if isinstance(parent, LoraWrapper):
             parent.base_changed()  # a quantized GPT-2 Conv1D holds W as (out x in), as a Linear does
         counts[storage.kind] = counts.get(storage.kind, 0) + 1
     model.__dict__["lorakit_base_format"] = fmt
@@ -139,7 +139,7 @@ def dequantize_base(model: nn.Module) -> int:
         else:
             tied[key] = plain.weight
         setattr(parent, name, plain)
-        if isinstance(parent, LoraLayer):
+        if isinstance(parent, LoraWrapper):
             parent.base_changed()
         count += 1
     model.__dict__.pop("lorakit_base_format", None)
@@ -167,7 +167,7 @@ def merge_precision(model: nn.Module) -> list[tuple[str, str, float, float]]:
     what storing the merged model in the base's format again would cost, next to the update's own size."""
     rows = []
     for path, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer) or not is_quantized(layer.base_layer) or layer.live_adapter() is None:
+        if not isinstance(layer, LoraWrapper) or not is_quantized(layer.base_layer) or layer.live_adapter() is None:
             continue
         base = layer.weight_2d().float()
         merged = base + layer.delta_weight(layer.live_adapter()).float()
