@@ -210,6 +210,59 @@ def measure(command: list[str], env: dict) -> tuple[float, float, float]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
+def write_summary(args, runs: dict[str, list[dict]], json_path: Path, rounds_done: int) -> None:
+    """Medians over the finished rounds: print the table, write the JSON (rewritten after every round)."""
+    summary = {}
+    for case, results in runs.items():
+        summary[case] = {
+            "steady_step_s": statistics.median(t for r in results for t in r["step_seconds"][3:]),
+            "steady_step_cpu_s": statistics.median(t for r in results for t in r["step_cpu_seconds"][3:]),
+            "end_to_end_s": statistics.median(r["end_to_end_s"] for r in results),
+            "end_to_end_cpu_s": statistics.median(r["end_to_end_cpu_s"] for r in results),
+            "held_out_loss": statistics.mean(r["held_out_loss"] for r in results),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        }
+    ratio = {k: summary["lorakit"][k] / summary["trl"][k] for k in summary["trl"]}
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+    }
+    print(f"\n{args.task} task, targets {args.targets}, gradient checkpointing {args.gradient_checkpointing}, ")
+    done = f"{rounds_done} of {args.rounds} rounds"
+    print(f"{args.steps} steps x batch {args.batch_size}, {args.threads} threads, {done}; {versions}")
+    print(
+        "| | steady step (CPU s) | steady step (wall s) | end to end (CPU s) | end to end (wall s) | held-out loss "
+        "| peak RSS |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    keys = ("steady_step_cpu_s", "steady_step_s", "end_to_end_cpu_s", "end_to_end_s", "held_out_loss", "peak_rss_mb")
+    for case in CASES:
+        s = summary[case]
+        print(
+            f"| {case} | {s[keys[0]]:.2f} | {s[keys[1]]:.2f} | {s[keys[2]]:.0f} | {s[keys[3]]:.0f} | "
+            f"{s[keys[4]]:.4f} | {s[keys[5]]:,.0f} MB |"
+        )
+    print("| lorakit / TRL | " + " | ".join(f"{ratio[k]:.3f}" for k in keys) + " |")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "args": vars(args),
+        "rounds_done": rounds_done,
+        "versions": versions,
+        "summary": summary,
+        "lorakit_over_trl": ratio,
+        "runs": runs,
+    }
+    json_path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {json_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["demo", "text"], default="demo")
@@ -257,7 +310,9 @@ def main() -> None:
             command += ["--batch-size", str(args.batch_size)]
             command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             out.mkdir(parents=True, exist_ok=True)
+            load_before = os.getloadavg()[0]  # the machine may be shared: keep its load beside the numbers
             wall, cpu, rss = measure(command, env)
+            load = [load_before, os.getloadavg()[0]]
             steps = json.loads((out / "steps.json").read_text())
             evaluated = subprocess.run(
                 [
@@ -283,6 +338,7 @@ def main() -> None:
                 "end_to_end_cpu_s": cpu,
                 "held_out_loss": loss,
                 "peak_rss_mb": rss,
+                "load_avg_1min": load,
                 "train_losses": steps["losses"],
                 "step_seconds": steps["step_seconds"],
                 "step_cpu_seconds": steps["step_cpu_seconds"],
@@ -291,51 +347,11 @@ def main() -> None:
             print(
                 f"round {round_index + 1}/{args.rounds} {case:8s} step {result['steady_step_s']:.2f} s "
                 f"({result['steady_step_cpu_s']:.2f} CPU s)  end to end {wall:.0f} s ({cpu:.0f} CPU s)  held-out loss "
-                f"{loss:.4f}  peak RSS {rss:,.0f} MB",
+                f"{loss:.4f}  peak RSS {rss:,.0f} MB  load {load[0]:.1f} -> {load[1]:.1f}",
                 flush=True,
             )
-
-    summary = {}
-    for case, results in runs.items():
-        summary[case] = {
-            "steady_step_s": statistics.median(t for r in results for t in r["step_seconds"][3:]),
-            "steady_step_cpu_s": statistics.median(t for r in results for t in r["step_cpu_seconds"][3:]),
-            "end_to_end_s": statistics.median(r["end_to_end_s"] for r in results),
-            "end_to_end_cpu_s": statistics.median(r["end_to_end_cpu_s"] for r in results),
-            "held_out_loss": statistics.mean(r["held_out_loss"] for r in results),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-        }
-    ratio = {k: summary["lorakit"][k] / summary["trl"][k] for k in summary["trl"]}
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-    }
-    print(f"\n{args.task} task, targets {args.targets}, gradient checkpointing {args.gradient_checkpointing}, ")
-    print(f"{args.steps} steps x batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds; {versions}")
-    print(
-        "| | steady step (CPU s) | steady step (wall s) | end to end (CPU s) | end to end (wall s) | held-out loss "
-        "| peak RSS |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    keys = ("steady_step_cpu_s", "steady_step_s", "end_to_end_cpu_s", "end_to_end_s", "held_out_loss", "peak_rss_mb")
-    for case in CASES:
-        s = summary[case]
-        print(
-            f"| {case} | {s[keys[0]]:.2f} | {s[keys[1]]:.2f} | {s[keys[2]]:.0f} | {s[keys[3]]:.0f} | "
-            f"{s[keys[4]]:.4f} | {s[keys[5]]:,.0f} MB |"
-        )
-    print("| lorakit / TRL | " + " | ".join(f"{ratio[k]:.3f}" for k in keys) + " |")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"args": vars(args), "versions": versions, "summary": summary, "lorakit_over_trl": ratio, "runs": runs}
-    json_path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {json_path}")
+            if case == CASES[-1]:  # after each round: a run cut short keeps the rounds it finished
+                write_summary(args, runs, json_path, round_index + 1)
 
 
 if __name__ == "__main__":

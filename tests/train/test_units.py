@@ -132,3 +132,32 @@ def test_csv_and_txt_files_and_classifier_heads(tmp_path):
         )
     )
     assert classifier_heads(llama) == ["score"]
+
+
+def test_jsonl_rows_are_what_datasets_reads(tmp_path):
+    import json
+
+    import datasets
+
+    from lorakit.train.data import load_rows
+
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\u2028b"}]},
+        {"messages": [{"role": "user", "content": "caf\u00e9"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    reference = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    assert load_rows(str(path)) == reference == rows
+    path.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(LorakitError, match=r"d.jsonl could not be read as JSON: line 2: "):
+        load_rows(str(path))
+    path.write_text('{"text": "a"}\n["text"]\n')
+    with pytest.raises(LorakitError, match=r"line 2 is a list, not an object"):
+        load_rows(str(path))
+    path.write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(LorakitError, match=r"not UTF-8 text"):
+        load_rows(str(path))
+    path.write_text("\n\n")
+    with pytest.raises(LorakitError, match=r"holds no rows"):
+        load_rows(str(path))
