@@ -292,7 +292,7 @@ def run(out, quick: bool, command: str, only_cached: bool = False, kinds=("seq-c
 
 def far_off(runs: list[dict], task: Task, setting: dict) -> bool:
     """A seq-cls pair already FAR_OFF points or more below the best on another task (seed 0): not worth a run."""
-    if task.kind != "seq-cls":
+    if task.kind != "seq-cls" or setting["seed"] != 0:
         return False
     pair = (setting["lr"], setting["head_lr"])
     for name in {r["task"] for r in runs if r["kind"] == "seq-cls" and r["task"] != task.name}:

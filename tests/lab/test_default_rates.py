@@ -83,6 +83,7 @@ def test_contenders_are_close_everywhere_or_best_somewhere():
 def test_a_pair_far_off_on_one_task_is_not_run_on_the_next():
     task = next(t for t in dr.tasks(quick=True) if t.name == "play-genre")
     runs = [_run("c1", 1e-3, None, 0.90), _run("c1", 1e-2, None, 0.79), _run("c1", 3e-3, None, 0.81)]
-    assert not dr.far_off(runs, task, {"lr": 3e-3, "head_lr": None})  # 9 points off: still run
-    assert dr.far_off(runs, task, {"lr": 1e-2, "head_lr": None})  # 11 points off
-    assert not dr.far_off(runs, task, {"lr": 1e-2, "head_lr": 3e-2})  # never run elsewhere
+    assert not dr.far_off(runs, task, {"lr": 3e-3, "head_lr": None, "seed": 0})  # 9 points off: still run
+    assert dr.far_off(runs, task, {"lr": 1e-2, "head_lr": None, "seed": 0})  # 11 points off
+    assert not dr.far_off(runs, task, {"lr": 1e-2, "head_lr": 3e-2, "seed": 0})  # never run elsewhere
+    assert not dr.far_off(runs, task, {"lr": 1e-2, "head_lr": None, "seed": 1})  # a contender's seeds all run
