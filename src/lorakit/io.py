@@ -1,4 +1,10 @@
-"""Safe file I/O: atomic writes (temp file + rename) and reading only JSON and safetensors."""
+"""Safe file I/O: atomic writes (temp file + rename) and reading only JSON and safetensors.
+
+A write or delete that a crash (kill -9, power loss) can interrupt only ever leaves hidden names
+beside its target: `.NAME.XXXX.tmp` (a file being written), `.NAME.tmp-XXXX` (a folder being
+built), `.NAME.old-PID` (the folder being replaced), `.NAME.del-PID` (a folder being deleted).
+`remove_leftovers` deletes exactly those names; the next run of the same job calls it.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,33 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import LorakitError
+
+# The hidden names the writers below leave behind when killed (see the module docstring).
+LEFTOVER = re.compile(r"\..+(\.tmp|\.tmp-\w+|\.old-\d+|\.del-\d+)")
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted atomic writes and deletes left in `directory` (not recursive); return it."""
+    directory = Path(directory)
+    found = [p for p in directory.iterdir() if LEFTOVER.fullmatch(p.name)] if directory.is_dir() else []
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete a folder so that a crash midway leaves it whole or gone, never half there: it is renamed
+    to a hidden name first (one atomic step), then deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = path.parent / f".{path.name}.del-{os.getpid()}"
+    shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier process that had this pid
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -144,6 +177,51 @@ def read_json(path: str | os.PathLike) -> Any:
         return parse_json(path.read_bytes())
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LorakitError(f"{path} is not valid JSON ({err}); re-create it") from None
+
+
+MAX_YAML_BYTES = 1024 * 1024  # a settings file; far above any real one
+
+
+def read_text(path: str | os.PathLike, what: str, limit: int) -> str:
+    """A UTF-8 text file of at most `limit` bytes; `what` names it in errors (e.g. "--config run.yaml")."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"{what} does not exist or is not a file; check the path")
+    size = path.stat().st_size
+    if size > limit:
+        raise LorakitError(f"{what} is {size:,} bytes; lorakit reads such files up to {limit:,} bytes")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{what} is not UTF-8 text (byte {err.start:,}); save it as UTF-8") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """Strict YAML (yaml.SafeLoader, so no Python objects): UTF-8, size and nesting capped, no
+    duplicate keys, no aliases (`*name`: a few lines of them expand to gigabytes, and a settings
+    file never needs one). `what` names the file in errors, e.g. "--config run.yaml"."""
+    import yaml
+
+    from .strict_yaml import Refused, StrictLoader
+
+    text = read_text(path, what, MAX_YAML_BYTES)
+    loader = None
+    try:
+        loader = StrictLoader(text)  # the reader already refuses control characters
+        return loader.get_single_data()
+    except Refused as err:
+        raise LorakitError(f"{what}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LorakitError(f"{what} is not valid YAML{where}: {problem}; fix the file") from None
+    except RecursionError:
+        raise LorakitError(f"{what} nests too deeply; settings are at most {MAX_JSON_DEPTH} levels deep") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _header_size(path: Path) -> int:

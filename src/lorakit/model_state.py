@@ -38,6 +38,12 @@ def bias_backups(model: nn.Module) -> dict[str, dict]:
     return model.__dict__.setdefault("lorakit_bias_backups", {})
 
 
+def new_weights(model: nn.Module) -> list[str]:
+    """Parameters the loader started at random because the checkpoint had none (e.g. a new classifier
+    head): filled in by lorakit.models.load_model, checked by the commands that need trained ones."""
+    return model.__dict__.setdefault("lorakit_new_weights", [])
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraWrapper]]:
     for path, module in walk(model):
         if isinstance(module, LoraWrapper):

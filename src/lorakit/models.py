@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import LorakitError
 from .io import atomic_directory
+from .model_state import new_weights
 from .quant import base_format, quantize_base
 from .quant.gguf import find_gguf
 from .quant.gguf import load_model as load_gguf_model
@@ -112,6 +113,11 @@ def gguf_file(path: str) -> Path | None:
     return find_gguf(local)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -119,8 +125,12 @@ def load_tokenizer(name_or_path: str):
     file = gguf_file(path)
     try:
         tokenizer = load_gguf_tokenizer(file) if file else AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise LorakitError(f"could not load a tokenizer for {name_or_path}: {str(err).splitlines()[0]}") from None
+    except LorakitError:
+        raise
+    except Exception as err:  # noqa: BLE001  (transformers raises a dozen kinds for one broken folder)
+        raise LorakitError(
+            f"could not load a tokenizer for {name_or_path}: {_first_line(err)}; check the model folder"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -148,9 +158,12 @@ def load_model(
     else:
         raise LorakitError(f"task={task!r} is invalid: choose causal-lm or seq-cls")
     try:
-        model = loader.from_pretrained(path, **extra, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise LorakitError(f"could not load model {name_or_path}: {str(err).splitlines()[0]}") from None
+        model, info = loader.from_pretrained(path, **extra, **kwargs, output_loading_info=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  (a broken folder: OSError, ValueError, KeyError, SafetensorError, ...)
+        raise LorakitError(f"could not load model {name_or_path}: {_first_line(err)}; check the model folder") from None
+    new_weights(model).extend([*info.get("missing_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))])
     model = model.float().eval()
     if fmt not in (None, "fp32"):
         quantize_base(model, fmt)

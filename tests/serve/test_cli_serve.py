@@ -95,7 +95,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value", "allowed"),
-    [("--max-prompts", "0", "an integer from 1 to 65536"), ("--read-timeout", "nan", "seconds above 0, at most 3600")],
+    [("--max-prompts", "0", "an integer from 1 to 65536"), ("--read-timeout", "0", "seconds above 0, at most 3600")],
 )
 def test_cli_limits_are_checked_before_loading(tmp_path, flag, value, allowed):
     result = subprocess.run(

@@ -7,7 +7,6 @@ written by PEFT has only adapter_config.json, whose task_type and saved head giv
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,12 @@ from typing import Any
 from ..errors import LorakitError
 from ..formats import read_adapter
 from ..formats.peft import CONFIG_FILE
+from ..io import read_json
+from ..model_state import new_weights, saved_modules
 from ..models import load_model, load_tokenizer
-from ..quant.convert import FORMATS
+from ..train.config import BASE_DTYPES, TASKS, is_label
 
+RUN_FILE = "run.json"  # what `lorakit train` records beside the adapter (task, labels, base model)
 _HEAD_WEIGHT = re.compile(r"\.(score|classifier|classifier\.out_proj)\.weight$")
 
 
@@ -34,7 +36,7 @@ def add_base_dtype_argument(parser, default: str | None = "auto") -> None:
     """--base-dtype: how the frozen base is stored (adapters stay fp32); lorakit.quant picks the arithmetic."""
     parser.add_argument(
         "--base-dtype",
-        choices=["auto", *FORMATS],
+        choices=BASE_DTYPES,
         default=default,
         help="store the frozen base as fp32, bf16, fp16, int8 or int4 (embeddings and head int8); adapters stay "
         "fp32. auto (default): fp32 for a Hugging Face folder, the file's own blocks for a GGUF file",
@@ -49,13 +51,7 @@ def adapter_info(directory: str) -> dict[str, Any]:
             f"--adapter {directory} is not an adapter directory (no {CONFIG_FILE}); give the folder `lorakit train` "
             "wrote, e.g. RUN/adapter"
         )
-    info: dict[str, Any] = {}
-    if (path / "run.json").is_file():
-        try:
-            run = json.loads((path / "run.json").read_text())
-            info = {"task": run.get("task"), "labels": run.get("labels"), "base_model": run.get("model")}
-        except json.JSONDecodeError:
-            info = {}
+    info = run_record(path / RUN_FILE) if (path / RUN_FILE).exists() else {}
     if not info.get("task"):
         config, tensors = read_adapter(path)
         info["task"] = "seq-cls" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
@@ -64,6 +60,23 @@ def adapter_info(directory: str) -> dict[str, Any]:
             heads = [t for k, t in tensors.items() if _HEAD_WEIGHT.search(k)]
             info["labels"] = list(range(heads[0].shape[0])) if heads else None
     return info
+
+
+def run_record(path: Path) -> dict[str, Any]:
+    """{"task", "labels", "base_model"} from the run.json `lorakit train` writes beside an adapter, checked:
+    it decides which model class and head the adapter is loaded into."""
+    run = read_json(path)
+    fix = f"fix {path} or delete it (adapter_config.json alone is enough)"
+    if not isinstance(run, dict):
+        raise LorakitError(f"{path} must hold a JSON object, not a {type(run).__name__}; {fix}")
+    task, labels, model = run.get("task"), run.get("labels"), run.get("model")
+    if task is not None and task not in TASKS:
+        raise LorakitError(f"{path}: task {task!r} is not one of {', '.join(TASKS)}; {fix}")
+    if labels is not None and not (isinstance(labels, list) and len(labels) >= 2 and all(map(is_label, labels))):
+        raise LorakitError(f"{path}: labels {labels!r} are not a list of two or more class labels; {fix}")
+    if model is not None and not isinstance(model, str):
+        raise LorakitError(f"{path}: model {model!r} is not a path or hub id; {fix}")
+    return {"task": task, "labels": labels, "base_model": model}
 
 
 def load_with_adapters(
@@ -101,7 +114,22 @@ def load_with_adapters(
     for i, directory in enumerate(adapters):
         name = names[i] if names else ("default" if len(adapters) == 1 else f"adapter{i + 1}")
         lorakit.load_adapter(model, directory, name=name)
+    if task == "seq-cls" and adapters:  # without one, eval scores the base as it is (a baseline)
+        require_trained(model, model_id, adapters)
     return model.eval(), tokenizer, task, labels
+
+
+def require_trained(model, model_id: str, adapters: list[str]) -> None:
+    """Every weight the loader started at random (a new classifier head) must come from the adapters
+    (their modules_to_save); else the outputs would be noise and a merge would save an untrained head."""
+    saved = [path for path, _ in saved_modules(model)]
+    untrained = [w for w in new_weights(model) if not any(w.startswith(f"{s}.") for s in saved)]
+    if untrained:
+        raise LorakitError(
+            f"--adapter {adapters[0]} is for sequence classification but neither it nor --model {model_id} holds a "
+            f"trained classifier head ({untrained[0]} would be random); give the base model the adapter was trained "
+            "on, or an adapter saved with its head (modules_to_save)"
+        )
 
 
 def quiet_transformers() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..train.config import DEVICES, TASKS
 from .common import add_base_dtype_argument, add_model_argument, load_with_adapters, quiet_transformers
 
 
@@ -19,10 +20,10 @@ def add_parser(subparsers) -> None:
         "--adapter", metavar="DIR", help="adapter folder (e.g. RUN/adapter); without it the base model is scored"
     )
     p.add_argument("--data", required=True, metavar="FILE", help=".jsonl/.json/.csv/.txt with the training columns")
-    p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's task, else causal-lm")
+    p.add_argument("--task", choices=TASKS, help="default: the adapter's task, else causal-lm")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--max-length", type=int, default=512, metavar="N")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     add_base_dtype_argument(p)
     p.add_argument("--json", action="store_true", help='print one JSON object, e.g. {"loss": 2.31, "perplexity": 10.1}')
     p.set_defaults(run=run)

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LorakitError
+from ..formats.gguf import DTYPES as GGUF_DTYPES
 from .common import add_model_argument, quiet_transformers
 
 FORMATS = ("gguf", "peft", "diffusers", "kohya")
@@ -35,7 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, metavar="PATH", help="the file (.gguf, kohya .safetensors) or folder")
     p.add_argument("--merged", action="store_true", help="gguf: the whole model with the adapter merged in")
-    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), help="gguf tensor type (adapter: f32; merged: f16)")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, help="gguf tensor type (adapter: f32; merged: f16)")
     p.add_argument("--fold-scales", action="store_true", help="peft: fold every module's scale into B")
     p.add_argument("--prefix", help="diffusers: pipeline component (unet, text_encoder ...); kohya: lora_unet_ ...")
     p.add_argument("--strict", action="store_true", help="refuse an adapter trained on other base weights")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..train.config import DEVICES
 from .common import add_base_dtype_argument, add_model_argument, load_with_adapters, quiet_transformers
 
 
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default), up to 2")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     add_base_dtype_argument(p)
     p.set_defaults(run=run)
 

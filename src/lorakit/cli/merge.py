@@ -13,6 +13,8 @@ from pathlib import Path
 from .common import add_base_dtype_argument, add_model_argument, load_with_adapters, quiet_transformers
 
 CHECK_TEXT = "LoRA adds a low-rank update to a frozen weight."
+# --dtype: the torch dtype the merged weights are saved in
+SAVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +33,7 @@ def add_parser(subparsers) -> None:
         help="where the merged model goes (config.json, model.safetensors, tokenizer)",
     )
     p.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights (default fp32)"
+        "--dtype", choices=list(SAVE_DTYPES), default="fp32", help="dtype of the saved weights (default fp32)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     add_base_dtype_argument(p)
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             f"the merged model's outputs differ from the adapter's by {difference:.3g}; the adapter may hold "
             "non-finite values"
         )
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = getattr(torch, SAVE_DTYPES[args.dtype])
     model.to(dtype)
     model.config.use_cache = True
     with atomic_directory(out) as staging:

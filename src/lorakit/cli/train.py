@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import INITS
+from ..train.config import DEVICES, SAVED_ACTIVATIONS, SCHEDULES, SWITCHES, TASKS
 from .common import add_base_dtype_argument, add_model_argument, quiet_transformers
 
 EXAMPLES = """examples:
@@ -46,7 +48,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--eval-data", metavar="FILE", help="held-out file with the same columns")
     p.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction of --data instead (seeded)")
-    p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default causal-lm")
+    p.add_argument("--task", choices=TASKS, help="default causal-lm")
     p.add_argument("--out", metavar="DIR", help="run folder: adapter/, metrics.jsonl, loss.png, checkpoints/")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, help="rank (default 8)")
@@ -61,9 +63,7 @@ def add_parser(subparsers) -> None:
     lora.add_argument(
         "--modules-to-save", metavar="NAMES", help="modules trained in full (default for seq-cls: the classifier head)"
     )
-    lora.add_argument(
-        "--init", choices=["kaiming", "gaussian", "pissa"], help="adapter initialisation (default kaiming)"
-    )
+    lora.add_argument("--init", choices=INITS, help="adapter initialisation (default kaiming)")
     _switch(lora, "use-rslora", "scale alpha / sqrt(r)")
     _switch(lora, "use-dora", "DoRA: weight-decomposed LoRA")
     opt = p.add_argument_group("optimisation")
@@ -80,7 +80,7 @@ def add_parser(subparsers) -> None:
     )
     opt.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default 0)")
     opt.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps (default 0)")
-    opt.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="decay after warmup (default cosine)")
+    opt.add_argument("--schedule", choices=SCHEDULES, help="decay after warmup (default cosine)")
     opt.add_argument("--max-grad-norm", type=float, metavar="X", help="gradient clipping, 0 = off (default 1.0)")
     opt.add_argument("--max-length", type=int, metavar="N", help="truncate examples to N tokens (default 512)")
     opt.add_argument("--seed", type=int, metavar="N", help="seed for adapter init, data order and dropout (default 0)")
@@ -93,14 +93,14 @@ def add_parser(subparsers) -> None:
         metavar="F",
         help="with --gradient-checkpointing: the share of layers recomputed, evenly spread (default 1 = all)",
     )
-    mem.add_argument("--bf16", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA GPUs that have it)")
+    mem.add_argument("--bf16", choices=SWITCHES, help="bf16 autocast (auto: on CUDA GPUs that have it)")
     add_base_dtype_argument(mem, default=None)
     mem.add_argument(
         "--saved-activations",
-        choices=["auto", "fp32", "bf16"],
+        choices=SAVED_ACTIVATIONS,
         help="store what backward needs in bf16, computing in fp32 (auto, the default: bf16 for a quantized base)",
     )
-    mem.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    mem.add_argument("--device", choices=DEVICES, help="default: cuda if available")
     run = p.add_argument_group("evaluation, checkpoints, output")
     run.add_argument(
         "--eval-every", type=int, metavar="N", help="held-out evaluation every N steps (always at start and end)"

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..layers.linear import is_gpt2_conv1d
+from ..model_state import new_weights
 from . import gguf_blocks, gguf_meta, int4
 from .convert import base_format, storage_for
 from .embedding import QuantEmbedding
@@ -247,6 +248,7 @@ def _finish(model: nn.Module, loader: _Loader, file: Path) -> None:
             if hasattr(module, "reset_parameters") and path.split(".")[-1] in ("score", "classifier"):
                 module.to_empty(device="cpu")
                 module.reset_parameters()  # a new classification head: the GGUF file has none
+                new_weights(model).extend(f"{path}.{n}" for n, _ in module.named_parameters())
                 break
             raise LorakitError(
                 f"GGUF file {file} has no tensor for {path}.{name}; it may be truncated or of another architecture"

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..inject import inject
+from ..io import discard
 from ..layers.saved_module import SavedModule
 from ..models import load_model
 from ..quant import is_quantized
@@ -63,6 +64,16 @@ def check_out(cfg: TrainConfig) -> Path | None:
             "another --out"
         )
     return None
+
+
+def clear_out(cfg: TrainConfig) -> None:
+    """Rank 0, once every process has checked --out: remove a killed run's leftovers, and with
+    --overwrite (and no --resume) the previous run's checkpoints and adapter."""
+    out = Path(cfg.out)
+    checkpoint.remove_stale(out)
+    if not cfg.resume and cfg.overwrite:
+        for stale in (out / checkpoint.FOLDER, out / "adapter"):
+            discard(stale)
 
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:

@@ -8,13 +8,18 @@
         trainer_state.json       step, epoch, scheduler state, the run's config
 
 Which data a step sees is a function of the step number (see batches.py), so the step *is* the
-data position. A checkpoint is built in a temp dir beside its final place and renamed into it.
+data position. A checkpoint is built in a temp dir beside its final place and renamed into it;
+old ones are pruned by renaming them away first (io.discard). So after a kill -9 at any point,
+`step-N/` is complete or absent; only hidden leftovers remain, and the next run removes them
+(`remove_leftovers`). A `step-N/` missing any of FILES (left by an older lorakit, or by hand) is
+not listed as a checkpoint and is removed too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +28,60 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..formats import save_adapter
-from ..io import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
+from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
+from ..io import (
+    atomic_directory,
+    discard,
+    read_json,
+    read_safetensors,
+    remove_leftovers,
+    write_json,
+    write_safetensors,
+)
 
+log = logging.getLogger("lorakit.train")
 FOLDER = "checkpoints"
 PREFIX = "step-"
+NAME = re.compile(rf"{PREFIX}(\d+)")
+STATE = "trainer_state.json"
+# Every file `save` writes: a folder with all of them is a checkpoint, anything less is not.
+FILES = (
+    f"adapter/{CONFIG_FILE}",
+    f"adapter/{WEIGHTS_FILE}",
+    "trainable.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "rng.safetensors",
+    STATE,
+)
+
+
+def _step_folders(run_dir: str | os.PathLike) -> list[Path]:
+    folder = Path(run_dir) / FOLDER
+    found = [p for p in folder.iterdir() if NAME.fullmatch(p.name) and p.is_dir()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in FILES)
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The complete checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / FOLDER
-    if not folder.is_dir():
-        return []
-    found = [
-        p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return [p for p in _step_folders(run_dir) if complete(p)]
+
+
+def remove_stale(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a killed run left in `run_dir` and its checkpoints/ (temp and half-deleted folders,
+    incomplete step-N/ folders); return what was removed. Call it before a run writes there."""
+    removed = remove_leftovers(run_dir) + remove_leftovers(Path(run_dir) / FOLDER)
+    for path in _step_folders(run_dir):
+        if not complete(path):
+            discard(path)
+            removed.append(path)
+    if removed:
+        log.info("removed %d leftovers of an interrupted run: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,11 +121,9 @@ def save(
             staging / "rng.safetensors",
             {f"{kind}.{rank}": s for kind, per_rank in rng_states.items() for rank, s in enumerate(per_rank)},
         )
-        write_json(
-            staging / "trainer_state.json", {**state, "step": step, "scheduler": _jsonable(scheduler.state_dict())}
-        )
+        write_json(staging / STATE, {**state, "step": step, "scheduler": _jsonable(scheduler.state_dict())})
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return target
 
 
@@ -91,7 +133,7 @@ def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
 
 def load(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, rank: int) -> dict[str, Any]:
     """Restore trainable tensors, optimizer, scheduler and this process's RNG; return trainer_state."""
-    state = read_json(checkpoint / "trainer_state.json")
+    state = read_json(checkpoint / STATE)
     trainable = read_safetensors(checkpoint / "trainable.safetensors")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != set(params):

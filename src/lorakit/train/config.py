@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from ..config import INITS, LoraConfig
+from ..config import INITS, MAX_RANK, LoraConfig
 from ..errors import LorakitError
+from ..io import read_yaml as read_strict_yaml
 from ..quant.convert import FORMATS
 
 TASKS = ("causal-lm", "seq-cls")
@@ -22,6 +22,10 @@ SWITCHES = ("auto", "on", "off")
 BASE_DTYPES = ("auto", *FORMATS)  # auto: fp32 for a Hugging Face folder, the blocks of a GGUF file
 DEVICES = ("auto", "cpu", "cuda")
 SAVED_ACTIVATIONS = ("auto", "fp32", "bf16")
+MAX_COUNT = 2**31 - 1  # steps, sizes, lengths: anything larger is a typo, and int32 code paths would overflow
+# Examples in one optimizer step (or one evaluation batch): a step's batch is built as a list in memory.
+MAX_BATCH = 2**16
+MAX_SEED = 2**32 - 1  # the range every seeded generator (random, torch, numpy) accepts
 # Fields that must not change between a run and its --resume (they change what a step computes).
 RESUME_FIXED = (
     "model",
@@ -109,6 +113,8 @@ class TrainConfig:
         for name in ("model", "data", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 _fail(name, getattr(self, name), "required; give a path" + (" or hub id" if name == "model" else ""))
+        if self.eval_data is not None and (not isinstance(self.eval_data, str) or not self.eval_data):
+            _fail("eval_data", self.eval_data, "give a path to a held-out data file")
         if self.task not in TASKS:
             _fail("task", self.task, f"choose {' or '.join(TASKS)}")
         if self.eval_fraction is not None and not (
@@ -117,11 +123,11 @@ class TrainConfig:
             _fail("eval_fraction", self.eval_fraction, "give a fraction between 0 and 1, e.g. 0.1")
         if self.eval_data and self.eval_fraction:
             _fail("eval_fraction", self.eval_fraction, "give either --eval-data or --eval-fraction, not both")
-        for name in ("targets", "exclude", "modules_to_save", "labels"):
-            setattr(self, name, _split_list(getattr(self, name), keep_string=(name == "targets")))
+        for name in _LIST_HELP:
+            setattr(self, name, _list_field(name, getattr(self, name)))
         if isinstance(self.targets, list) and len(self.targets) == 1 and self.targets[0] == "all-linear":
             self.targets = "all-linear"
-        self._check_int("r", 1, "the rank must be an integer >= 1, e.g. --r 8")
+        self._check_int("r", 1, "the rank must be an integer >= 1, e.g. --r 8", MAX_RANK)
         self._check_number("alpha", lambda v: v > 0, "alpha must be a number > 0, e.g. --alpha 16 (scale = alpha/r)")
         self._check_number("dropout", lambda v: 0 <= v < 1, "dropout must be a probability in [0, 1)")
         if self.init not in INITS:
@@ -141,11 +147,13 @@ class TrainConfig:
             ("save_every", 0),
             ("keep_checkpoints", 1),
             ("log_every", 1),
-            ("seed", 0),
         ):
             self._check_int(name, low, f"give an integer >= {low}")
+        self._check_int("seed", 0, "give an integer >= 0", MAX_SEED)
+        if self.batch_size * self.grad_accum > MAX_BATCH:
+            _fail("batch_size", self.batch_size, f"batch_size x grad_accum may be at most {MAX_BATCH:,} a step")
         if self.eval_batch_size is not None:
-            self._check_int("eval_batch_size", 1, "give an integer >= 1")
+            self._check_int("eval_batch_size", 1, "give an integer >= 1", MAX_BATCH)
         self._check_number("lr", lambda v: 0 < v < 1, "give a learning rate > 0 and < 1, e.g. --lr 3e-3")
         if self.head_lr is not None:
             self._check_number("head_lr", lambda v: 0 < v < 1, "give a learning rate > 0 and < 1, e.g. --head-lr 3e-3")
@@ -168,11 +176,12 @@ class TrainConfig:
                 _fail(name, getattr(self, name), "use true or false")
         if self.use_dora and self.init == "pissa":
             _fail("init", self.init, "PiSSA and DoRA cannot be combined; use --init kaiming with --use-dora")
+        self.lora_config()  # the adapter's own rules (e.g. valid regexes), checked before any model is loaded
 
-    def _check_int(self, name: str, low: int, allowed: str) -> None:
+    def _check_int(self, name: str, low: int, allowed: str, high: int = MAX_COUNT) -> None:
         value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            _fail(name, value, allowed)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            _fail(name, value, f"{allowed} (at most {high:,})")
 
     def _check_number(self, name: str, ok, allowed: str) -> None:
         value = getattr(self, name)
@@ -209,40 +218,51 @@ class TrainConfig:
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
-def _split_list(value: Any, keep_string: bool = False) -> Any:
-    """ "a,b" -> ["a", "b"]; a regex or "all-linear" stays a string when keep_string (targets)."""
-    if value is None or isinstance(value, list):
-        return value or None
-    if isinstance(value, tuple):
-        return list(value) or None
+_REGEX_CHARS = "*+?[](){}|^$\\"
+_LIST_HELP = {
+    "targets": "give comma-separated module names, a regex or all-linear, e.g. --targets q_proj,v_proj",
+    "exclude": "give comma-separated module names, e.g. --exclude lm_head",
+    "modules_to_save": "give comma-separated module names, e.g. --modules-to-save score",
+    "labels": "give two or more distinct class labels, e.g. --labels negative,positive",
+}
+
+
+def _list_field(name: str, value: Any) -> Any:
+    """None (not given) stays None; "a,b" -> ["a", "b"]; for targets a regex or "all-linear" stays a
+    string. Given but naming nothing (",", [], a number, a nested list) is refused, never read as "not given"."""
+    if value is None:
+        return None
     if isinstance(value, str):
-        if keep_string and (value == "all-linear" or any(c in value for c in "*+?[](){}|^$\\")):
+        if name == "targets" and (value == "all-linear" or any(c in value for c in _REGEX_CHARS)):
             return value
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        return parts or None
-    return [value]
+        items = [p.strip() for p in value.split(",") if p.strip()]
+    else:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+    valid = (lambda v: isinstance(v, str) and v.strip()) if name != "labels" else is_label
+    if not items or not all(valid(v) for v in items) or (name == "labels" and len(set(items)) < len(items)):
+        _fail(name, value, _LIST_HELP[name])
+    return items
+
+
+def is_label(value: Any) -> bool:
+    """A class label: a non-blank string or an integer (not a bool)."""
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise LorakitError(f"--config {path} does not exist; check the path")
-    try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise LorakitError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    """The settings of a --config file (strict YAML: see lorakit.io.read_yaml), keys checked against the fields."""
+    what = f"--config {path}"
+    loaded = read_strict_yaml(path, what)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise LorakitError(
-            f"--config {path} must hold a mapping of settings (key: value), not a {type(loaded).__name__}"
-        )
+        raise LorakitError(f"{what} must hold a mapping of settings (key: value), not a {type(loaded).__name__}")
     values = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
-        if name not in FIELD_NAMES:
-            raise LorakitError(f"--config {path}: unknown setting '{key}'; known settings: {', '.join(FIELD_NAMES)}")
+        if not isinstance(key, str) or name not in FIELD_NAMES:
+            raise LorakitError(f"{what}: unknown setting {key!r}; known settings: {', '.join(FIELD_NAMES)}")
+        if name in values:
+            raise LorakitError(f"{what}: {key!r} sets {name} a second time; keep one of them")
         values[name] = value
     return values

@@ -15,6 +15,7 @@ Each Example keeps `labels` aligned with `input_ids` (-100 = no loss); the loss 
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from ..errors import LorakitError
 
 IGNORE = -100
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".tsv": "csv"}
+_LAYOUT = {
+    "json": "give one JSON object per line (.jsonl) or a list of objects (.json)",
+    "csv": "give a header row, then one example per line",
+    "text": "give plain text, one example per paragraph",
+}
 NEEDS = {
     "causal-lm": "a `text` column, or `prompt` + `completion`, or chat `messages`",
     "seq-cls": "`text` + `label` columns",
@@ -55,6 +61,7 @@ def load_rows(path: str, flag: str = "--data") -> list[dict[str, Any]]:
     builder = _BUILDERS.get(file.suffix.lower())
     if builder is None:
         raise LorakitError(f"{flag} {path}: unsupported file type '{file.suffix}'; use .jsonl, .json, .csv or .txt")
+    check_text(file, f"{flag} {path}")
     rows = _jsonl_rows(file, flag) if file.suffix.lower() == ".jsonl" else _dataset_rows(file, builder, flag)
     if not rows:
         raise LorakitError(f"{flag} {path} holds no rows; add some examples")
@@ -75,7 +82,11 @@ def _jsonl_rows(file: Path, flag: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise LorakitError(f"{flag} {file} could not be read as JSON: line {number}: {err.msg}") from None
+            raise LorakitError(
+                f"{flag} {file} could not be read as JSON (line {number}: {err.msg}); {_LAYOUT['json']}"
+            ) from None
+        except RecursionError:
+            raise LorakitError(f"{flag} {file} line {number} nests too deeply; {_LAYOUT['json']}") from None
         if not isinstance(row, dict):
             raise LorakitError(
                 f"{flag} {file} could not be read as JSON: line {number} is a {type(row).__name__}, not an object; "
@@ -100,11 +111,37 @@ def _dataset_rows(file: Path, builder: str, flag: str) -> list[dict[str, Any]]:
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
         message = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise LorakitError(f"{flag} {file} could not be read as {builder.upper()}: {message}") from None
+        if "corresponds to no data" in message:  # datasets' words for a file without rows
+            raise LorakitError(f"{flag} {file} holds no rows; add some examples") from None
+        raise LorakitError(
+            f"{flag} {file} could not be read as {builder.upper()} ({message}); {_LAYOUT[builder]}"
+        ) from None
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
     return loaded.to_list()
+
+
+def check_text(file: Path, what: str) -> None:
+    """A data file is UTF-8 text with something in it (read in chunks: data files may be large)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise LorakitError(
+                    f"{what} is not UTF-8 text (byte {offset + err.start:,}); save it as UTF-8"
+                ) from None
+            blank = blank and not text.strip()
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise LorakitError(f"{what} is not UTF-8 text (it ends inside a character); save it as UTF-8") from None
+    if blank:
+        raise LorakitError(f"{what} is empty; add some examples")
 
 
 def row_kind(rows: list[dict[str, Any]], task: str, path: str) -> str:
@@ -123,9 +160,15 @@ def row_kind(rows: list[dict[str, Any]], task: str, path: str) -> str:
 
 
 def label_set(rows: list[dict[str, Any]], path: str) -> list:
-    values = {row.get("label") for row in rows}
-    if None in values:
-        raise LorakitError(f"{path} has rows without a label; give every row a `label`")
+    for i, row in enumerate(rows):
+        label = row.get("label")
+        if label is None:
+            raise LorakitError(f"{path} row {i + 1} has no label; give every row a `label`")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise LorakitError(
+                f"{path} row {i + 1}: label {label!r} is a {type(label).__name__}; labels are strings or integers"
+            )
+    values = {row["label"] for row in rows}
     kinds = {type(v) for v in values}
     if not (kinds <= {str} or kinds <= {int}):
         raise LorakitError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,17 @@ from ..io import read_json, write_json
 from ..models import load_tokenizer
 from . import checkpoint, distributed
 from .batches import StepPlan, length_groups
-from .build import ADAPTER, autocast_for, build_model, check_out, check_resumable, lr_factor, param_groups, rng_states
+from .build import (
+    ADAPTER,
+    autocast_for,
+    build_model,
+    check_out,
+    check_resumable,
+    clear_out,
+    lr_factor,
+    param_groups,
+    rng_states,
+)
 from .config import TrainConfig
 from .data import collate, prepare
 from .metrics import MetricsLog
@@ -108,9 +117,8 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist, started: float) -> _Run:
     out = Path(cfg.out)
     resume_from = check_out(cfg)
     dist.barrier()  # every process has checked --out before rank 0 touches it
-    if dist.main and not cfg.resume and cfg.overwrite:
-        for stale in (out / checkpoint.FOLDER, out / "adapter"):
-            shutil.rmtree(stale, ignore_errors=True)
+    if dist.main:
+        clear_out(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg, tokenizer)
@@ -135,7 +143,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Dist, started: float) -> _Run:
 
     start_step, eval_before = 0, None
     if resume_from is not None:
-        saved = read_json(resume_from / "trainer_state.json")
+        saved = read_json(resume_from / checkpoint.STATE)
         check_resumable(saved.get("config", {}), cfg, resume_from)
         state = checkpoint.load(resume_from, model, optimizer, scheduler, dist.rank)
         start_step, eval_before = state["step"], state.get("eval_before")
