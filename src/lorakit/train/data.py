@@ -83,7 +83,7 @@ def _jsonl_rows(file: Path, flag: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise LorakitError(
-                f"{flag} {file} could not be read as JSON (line {number}: {err.msg}); {_LAYOUT['json']}"
+                f"{flag} {file} could not be read as JSON: line {number}: {err.msg}; {_LAYOUT['json']}"
             ) from None
         except RecursionError:
             raise LorakitError(f"{flag} {file} line {number} nests too deeply; {_LAYOUT['json']}") from None
@@ -141,7 +141,7 @@ def check_text(file: Path, what: str) -> None:
     except UnicodeDecodeError:
         raise LorakitError(f"{what} is not UTF-8 text (it ends inside a character); save it as UTF-8") from None
     if blank:
-        raise LorakitError(f"{what} is empty; add some examples")
+        raise LorakitError(f"{what} holds no rows; add some examples")
 
 
 def row_kind(rows: list[dict[str, Any]], task: str, path: str) -> str:
