@@ -5,11 +5,17 @@ int4 = the same GGUF file loaded as is (Q4_1 layers as int4 codes, Q8_0 embeddin
 Adapters: LoRA r=8, alpha 16 on q_proj, v_proj with random non-zero factors (seeded), unmerged.
 Prompts: real questions from the chatterbot corpus, chat-templated.
 
-  single    1 thread, one request at a time, 64 new tokens (end-of-sequence ignored): tokens/s of
-            `lorakit generate`'s path (transformers' generate) and of the serving engine; decode rate
-            = 63 tokens / (time for 64 - time for 1), so the prompt's prefill is left out
+  single    1 thread, one request at a time, 64 new tokens (end-of-sequence ignored), alternating per
+            prompt between the old path, transformers' generate (DynamicCache, the model's forward:
+            what `lorakit generate` ran before the static cache), and the new one, the serving engine
+            (preallocated KV cache, lean decode step: what `lorakit generate` and `lorakit serve` run
+            now); decode rate = 63 tokens / (time for 64 - time for 1), so the prompt's prefill is
+            left out. Both wall-clock and CPU time (process_time: the shared machine's other jobs do
+            not count) are recorded; `floor` is the CPU time of the base's weight matmuls alone for
+            one token (every Linear once, M = 1), the bound no decode loop can beat
   agree     greedy 64-token answers of the int4 base vs the fp32 base, same adapter: share of positions
-            with the same token, and the mean length of the common prefix
+            with the same token, and the mean length of the common prefix; `same` = share of the
+            engine's answers identical to transformers' generate on the same model
   streams   16 requests at once through the serving engine, each with its own adapter (a mixed
             batch every step), 64 tokens each: aggregate tokens/s, prefill included
 
@@ -19,7 +25,7 @@ different LoRAs one at a time, so its 16-stream rate is its one-stream rate. No 
 llama-cpp-python wheel installs here (`pip install --only-binary :all: llama-cpp-python` finds none)
 and building it takes ~45 minutes of both shared cores, so the comparison is to those recorded numbers.
 
-    python benchmarks/quant_decode.py --threads 1 --rounds 2     # the run recorded in RESULTS.md
+    nice -n 10 python benchmarks/quant_decode.py --threads 1 --rounds 2     # the run recorded in RESULTS.md
 """
 
 from __future__ import annotations
@@ -86,6 +92,25 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(templated, add_special_tokens=False).input_ids
 
 
+def floor_ms(model, repeats: int = 5) -> float:
+    """CPU ms of one token's weight matmuls alone: every Linear (quantized or not) once on one row."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+    with torch.no_grad():
+        for _ in range(2):  # the first pass warms up
+            start = time.process_time()
+            for _ in range(repeats):
+                for m in layers:
+                    m(inputs[m.in_features])
+        return (time.process_time() - start) / repeats * 1e3
+
+
+def timed(run, *args) -> tuple[float, float, object]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
 def single_stream(case: str, adapters: Path, texts: list[str], tokens: int) -> dict:
     import lorakit
     from lorakit.serve.adapter_cache import AdapterCache
@@ -93,31 +118,38 @@ def single_stream(case: str, adapters: Path, texts: list[str], tokens: int) -> d
     from lorakit.serve.sampling import SamplingParams
 
     model, tokenizer = load(case)
-    lorakit.load_adapter(model, str(adapters / "user00"), name="user00")
-    answers, hf_rates, engine_rates = [], [], []
-    for text in texts:
-        ids = torch.tensor([encode(tokenizer, text)])
-        timings = {}
-        for count in (1, tokens):
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
-            timings[count] = time.perf_counter() - start
-        answers.append(out[0, ids.shape[1] :].tolist())
-        hf_rates.append((tokens - 1) / (timings[tokens] - timings[1]))
-    lorakit.delete_adapter(model, "user00")
+    model.generation_config.eos_token_id = None  # 64 tokens whatever comes, as the engine below
+    floor = floor_ms(model)
     engine = Engine(model, AdapterCache(model, adapters, capacity=ADAPTERS), max_batch=1, eos_token_ids=())
+    engine.adapters.acquire("user00")  # loaded once; generate uses it as the active adapter, the engine per row
+
+    def old(ids: list[int], count: int) -> list[int]:
+        lorakit.set_adapter(model, "user00")
+        try:
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False, pad_token_id=0)
+        finally:
+            lorakit.set_adapter(model, None)
+        return out[0, len(ids) :].tolist()
+
+    def new(ids: list[int], count: int) -> list[int]:
+        request = engine.submit(ids, "user00", SamplingParams(max_tokens=count, temperature=0))
+        while engine.step():
+            pass
+        return [value for kind, value in request if kind == "token"]
+
+    rates = {"old": [], "new": []}
+    answers = {"old": [], "new": []}
     for text in texts:
-        timings = {}
-        for count in (1, tokens):
-            request = engine.submit(encode(tokenizer, text), "user00", SamplingParams(max_tokens=count, temperature=0))
-            start = time.perf_counter()
-            while engine.step():
-                pass
-            timings[count] = time.perf_counter() - start
-            assert [kind for kind, _ in request][-1] == "done"
-        engine_rates.append((tokens - 1) / (timings[tokens] - timings[1]))
-    return {"answers": answers, "generate_tok_s": hf_rates, "engine_tok_s": engine_rates}
+        ids = encode(tokenizer, text)
+        for name, path in (("old", old), ("new", new)):  # alternated per prompt: the same load for both
+            wall1, cpu1, _ = timed(path, ids, 1)
+            wall, cpu, answer = timed(path, ids, tokens)
+            rates[name].append({"wall": (tokens - 1) / (wall - wall1), "cpu": (tokens - 1) / (cpu - cpu1)})
+            answers[name].append(answer)
+    engine.adapters.release("user00")
+    same = statistics.mean(a == b for a, b in zip(answers["old"], answers["new"]))
+    return {"answers": answers["new"], "rates": rates, "floor_ms": floor, "same_as_generate": same}
 
 
 def streams(case: str, adapters: Path, texts: list[str], tokens: int) -> dict:
@@ -132,13 +164,17 @@ def streams(case: str, adapters: Path, texts: list[str], tokens: int) -> dict:
         engine.adapters.acquire(name)
         engine.adapters.release(name)
     prompts_ = [encode(tokenizer, texts[i % len(texts)]) for i in range(ADAPTERS)]
-    start = time.perf_counter()
-    requests = [engine.submit(p, n, SamplingParams(max_tokens=tokens, temperature=0)) for p, n in zip(prompts_, names)]
-    while engine.step():
-        pass
-    seconds = time.perf_counter() - start
-    produced = sum(sum(1 for kind, _ in r if kind == "token") for r in requests)
-    return {"tokens": produced, "seconds": seconds, "tok_s": produced / seconds}
+
+    def run():
+        requests = [
+            engine.submit(p, n, SamplingParams(max_tokens=tokens, temperature=0)) for p, n in zip(prompts_, names)
+        ]
+        while engine.step():
+            pass
+        return sum(sum(1 for kind, _ in r if kind == "token") for r in requests)
+
+    wall, cpu, produced = timed(run)
+    return {"tokens": produced, "seconds": wall, "tok_s": produced / wall, "cpu_tok_s": produced / cpu}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -199,28 +235,44 @@ def main() -> None:
 def summarize(results: dict[str, list[dict]]) -> dict:
     summary = {}
     for case in ("fp32", "int4"):
-        single = results[f"single-{case}"]
-        summary[case] = {
-            "generate_tok_s": statistics.median(r for run in single for r in run["generate_tok_s"]),
-            "engine_tok_s": statistics.median(r for run in single for r in run["engine_tok_s"]),
-            "streams_tok_s": statistics.median(run["tok_s"] for run in results[f"streams-{case}"]),
-        }
+        single, many = results[f"single-{case}"], results[f"streams-{case}"]
+        row = {"floor_ms": statistics.median(run["floor_ms"] for run in single)}
+        for clock in ("wall", "cpu"):
+            for path in ("old", "new"):
+                row[f"{path}_{clock}_tok_s"] = statistics.median(r[clock] for run in single for r in run["rates"][path])
+            row[f"speedup_{clock}"] = row[f"new_{clock}_tok_s"] / row[f"old_{clock}_tok_s"]
+        row["streams_wall_tok_s"] = statistics.median(run["tok_s"] for run in many)
+        row["streams_cpu_tok_s"] = statistics.median(run["cpu_tok_s"] for run in many)
+        row["same_as_generate"] = statistics.mean(run["same_as_generate"] for run in single)
+        summary[case] = row
     summary["agreement"] = agreement(results["single-int4"][0]["answers"], results["single-fp32"][0]["answers"])
     return summary
 
 
 def report(summary: dict) -> None:
     low, high = LLAMA_CPP_TOK_S
-    print(f"\n{'tokens/s (1 thread)':28s} {'fp32':>8s} {'int4':>8s} {'int4/fp32':>10s} {'int4 / llama.cpp':>18s}")
-    for key, label in (("generate_tok_s", "one stream, generate"), ("engine_tok_s", "one stream, engine")):
-        a, b = summary["fp32"][key], summary["int4"][key]
-        print(f"{label:28s} {a:8.1f} {b:8.1f} {b / a:10.2f} {b / high:8.2f}-{b / low:.2f}")
-    a, b = summary["fp32"]["streams_tok_s"], summary["int4"]["streams_tok_s"]
-    print(f"{'16 streams, 16 adapters':28s} {a:8.1f} {b:8.1f} {b / a:10.2f} {b / high:8.2f}-{b / low:.2f}")
+    print(f"\n{'tokens/s, 1 thread (wall | cpu)':38s} {'fp32':>15s} {'int4':>15s} {'int4 / llama.cpp (wall)':>24s}")
+    rows = (
+        ("one stream, old: transformers generate", "old"),
+        ("one stream, new: engine (generate/serve)", "new"),
+        ("16 streams, 16 adapters, engine", "streams"),
+    )
+    for label, key in rows:
+        cells = [summary[c][f"{key}_wall_tok_s"] for c in ("fp32", "int4")]
+        cpus = [summary[c][f"{key}_cpu_tok_s"] for c in ("fp32", "int4")]
+        ratio = f"{cells[1] / high:.2f}-{cells[1] / low:.2f}"
+        print(f"{label:40s} {cells[0]:6.1f} | {cpus[0]:5.1f} {cells[1]:6.1f} | {cpus[1]:5.1f} {ratio:>16s}")
+    for c in ("fp32", "int4"):
+        s = summary[c]
+        print(
+            f"{c}: new/old {s['speedup_wall']:.2f}x wall, {s['speedup_cpu']:.2f}x cpu; weights-only floor "
+            f"{s['floor_ms']:.1f} ms/token (<= {1e3 / s['floor_ms']:.1f} tok/s); engine = generate's tokens on "
+            f"{100 * s['same_as_generate']:.0f}% of answers"
+        )
     agree = summary["agreement"]
     print(
         f"greedy agreement int4 vs fp32 over 64-token answers: {100 * agree['token_agreement']:.1f}% of tokens, "
-        f"common prefix {agree['mean_common_prefix']:.1f} tokens"
+        f"common prefix {agree['mean_common_prefix']:.1f} tokens; llama.cpp recorded {low}-{high} tok/s (1 thread)"
     )
 
 
