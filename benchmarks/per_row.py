@@ -18,6 +18,7 @@ Bars (issue 4), decode at 64 adapters: lorakit <= 1.3x base; lorakit's overhead 
     python benchmarks/per_row.py                       # the run recorded in RESULTS.md
     python benchmarks/per_row.py --rounds 1 --repeats 2 --prefill-repeats 1  # a quick look
     python benchmarks/per_row.py --kernels             # one layer's decode kernel vs gather + bmm
+    python benchmarks/per_row.py --overhead            # per_row's Python cost per layer (CPU time)
 """
 
 from __future__ import annotations
@@ -157,6 +158,30 @@ def kernel_times(rows: int = 64, adapters: int = 64, d: int = 768, repeats: int 
     return result
 
 
+def overhead_times(layers: int = 4, adapters: int = 64, rows: int = 64, d: int = 16, repeats: int = 300) -> dict:
+    """lorakit.per_row's Python cost per layer: a decode step (one token per row, each row its own
+    adapter) through tiny (d x d) LoRA Linears, so the matmuls are negligible. CPU time of this process
+    (time.process_time), min and median over `repeats` blocks: CPU time and the min are what other jobs
+    on a shared machine disturb least. Uses only the public API, so it times any lorakit version."""
+    import lorakit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(layers)]).eval()
+    targets = [str(i) for i in range(layers)]
+    for i in range(adapters):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets), name=f"a{i}")
+    model.requires_grad_(False)
+    names, x, samples = [f"a{i % adapters}" for i in range(rows)], torch.randn(rows, 1, d), []
+    with torch.no_grad():
+        for step in range(repeats + 30):  # 30 warm-up blocks
+            start = time.process_time()
+            with lorakit.per_row(model, names):
+                model(x)
+            if step >= 30:
+                samples.append(1e6 * (time.process_time() - start) / layers)
+    return {"min_us_per_layer": min(samples), "median_us_per_layer": statistics.median(samples)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", default="1,4,16,64", help="distinct adapters per batch, comma-separated")
@@ -176,12 +201,15 @@ def main() -> None:
     parser.add_argument(
         "--kernels", action="store_true", help="only time one layer's decode kernels (768x768, 64 rows, 64 adapters)"
     )
+    parser.add_argument(
+        "--overhead", action="store_true", help="only time per_row's Python cost per layer (tiny layers, CPU time)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.kernels:
-        result = kernel_times()
+    if args.kernels or args.overhead:
+        result = kernel_times() if args.kernels else overhead_times()
         print(", ".join(f"{k} {v:.0f}" for k, v in result.items()))
-        path = Path(args.json).with_name("per_row_kernels.json")
+        path = Path(args.json).with_name("per_row_kernels.json" if args.kernels else "per_row_overhead.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             json.dumps(
