@@ -324,3 +324,39 @@ def test_memory_options(cli, tiny_models, data_files, tmp_path):
 def test_help(cli, command):
     code, out, _ = cli(command, "--help")
     assert code == 0 and out.startswith("usage: lorakit " + command)
+
+
+def test_train_an_moe_expert_adapter_that_peft_loads(cli, data_files, tmp_path):
+    """--target-parameters trains one adapter per expert of a Mixtral's 3-D expert stacks; PEFT reads the
+    file (its ParamWrapper layout) and gives the same logits as lorakit."""
+    from peft import PeftModel
+    from tiny_hf import tiny_tokenizer
+    from tiny_moe import EXPERT_PARAMETERS, tiny_moe
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    model_dir = tmp_path / "mixtral"
+    tokenizer = tiny_tokenizer(model_dir)
+    tiny_moe("mixtral", vocab=len(tokenizer), eos=tokenizer.eos_token_id).save_pretrained(model_dir)
+    experts = ",".join(EXPERT_PARAMETERS)
+    args = train_args(model_dir, data_files["text"], tmp_path / "run", "--max-steps", 3, "--r", 2)
+    code, _, err = cli(*args, "--targets", "q_proj", "--target-parameters", experts)
+    assert code == 0, err
+    adapter = tmp_path / "run/adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    # written as the exact parameters adapted (2 layers x 2 stacks), as target_modules are
+    assert len(saved["target_parameters"]) == 4
+    assert all(p.endswith(tuple(EXPERT_PARAMETERS)) for p in saved["target_parameters"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    expert_b = [t for k, t in tensors.items() if "experts" in k and "lora_B" in k]
+    assert expert_b and all(t.abs().sum() > 0 for t in expert_b)  # trained away from B = 0
+
+    probe = torch.tensor([tokenizer("the cat sat on the mat").input_ids])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+    ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()(probe).logits
+        expected = peft_model(probe).logits
+        torch.testing.assert_close(ours(probe).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (expected - base).abs().max() > 1e-4  # the adapter changes the answer

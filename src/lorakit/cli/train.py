@@ -59,6 +59,12 @@ def add_parser(subparsers) -> None:
         metavar="NAMES",
         help="comma-separated module names, a regex, or all-linear (default: per architecture)",
     )
+    lora.add_argument(
+        "--target-parameters",
+        metavar="NAMES",
+        help="comma-separated parameters adapted directly, e.g. an MoE's 3-D expert stacks: "
+        "experts.gate_up_proj,experts.down_proj (one rank-r adapter per expert, PEFT's layout)",
+    )
     lora.add_argument("--exclude", metavar="NAMES", help="comma-separated module names never adapted")
     lora.add_argument(
         "--modules-to-save", metavar="NAMES", help="modules trained in full (default for seq-cls: the classifier head)"

@@ -34,6 +34,7 @@ RESUME_FIXED = (
     "r",
     "alpha",
     "targets",
+    "target_parameters",
     "use_dora",
     "use_rslora",
     "init",
@@ -67,6 +68,7 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | str | None = None
+    target_parameters: list[str] | None = None  # 3-D expert stacks etc., as LoraConfig.target_parameters
     exclude: list[str] | None = None
     modules_to_save: list[str] | None = None
     init: str = "kaiming"
@@ -195,6 +197,7 @@ class TrainConfig:
             alpha=float(self.alpha),
             dropout=float(self.dropout),
             target_modules=self.targets,
+            target_parameters=self.target_parameters,
             exclude_modules=self.exclude,
             modules_to_save=self.modules_to_save or default_modules_to_save,
             init=self.init,
@@ -221,6 +224,7 @@ FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _REGEX_CHARS = "*+?[](){}|^$\\"
 _LIST_HELP = {
     "targets": "give comma-separated module names, a regex or all-linear, e.g. --targets q_proj,v_proj",
+    "target_parameters": "give comma-separated parameter names, e.g. --target-parameters experts.gate_up_proj",
     "exclude": "give comma-separated module names, e.g. --exclude lm_head",
     "modules_to_save": "give comma-separated module names, e.g. --modules-to-save score",
     "labels": "give two or more distinct class labels, e.g. --labels negative,positive",
