@@ -368,6 +368,25 @@ MODEL_CHANGES = {
 }
 
 
+DIFFUSERS_CONFIGS = {
+    "no weights": {"_class_name": "UNet2DConditionModel"},
+    "a pickle only": {"_class_name": "UNet2DConditionModel"},
+    "unknown class": {"_class_name": "NoSuchModel"},
+    "a dunder class": {"_class_name": "__class__"},
+    "class a list": {"_class_name": ["UNet2DConditionModel"]},
+}
+
+
+def _diffusers_folder(name: str) -> Callable[[Path, dict], None]:
+    def setup(tmp: Path, paths: dict) -> None:
+        (tmp / "unet").mkdir()
+        (tmp / "unet/config.json").write_text(json.dumps(DIFFUSERS_CONFIGS[name]))
+        if name == "a pickle only":  # never unpickled: only safetensors are read
+            (tmp / "unet/diffusion_pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n.")
+
+    return setup
+
+
 def model_cases() -> list[Case]:
     model_argv = ["train", "--model", "{tmp}/model", *TRAIN[3:]]
     cases = [Case(f"model: {k}", model_argv, _model_copy(v)) for k, v in MODEL_CHANGES.items()]
@@ -377,6 +396,11 @@ def model_cases() -> list[Case]:
         Case("model: a broken .gguf", ["train", "--model", "{tmp}/m.gguf", *TRAIN[3:]], _write("m.gguf", "GGUFxxxx")),
         Case("model: an empty folder", ["train", "--model", "{tmp}", *TRAIN[3:]]),
     ]
+    for name in DIFFUSERS_CONFIGS:
+        export = ["export", "--adapter", "{adapter}", "--format", "peft", "--out", "{out}"]
+        cases.append(Case(f"export: diffusers {name}", [*export, "--model", "{tmp}/unet"], _diffusers_folder(name)))
+        verify = ["verify", "--adapter", "{adapter}", "--model", "{tmp}/unet"]
+        cases.append(Case(f"verify: diffusers {name}", verify, _diffusers_folder(name)))
     return cases
 
 

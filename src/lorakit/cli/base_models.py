@@ -8,7 +8,6 @@ The adapter may be a PEFT folder, a diffusers LoRA or a kohya file (formats/dete
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +15,51 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from ..io import read_json
 
 PROBE_TEXT = "LoRA adds a low-rank update to a frozen weight, and every runtime must apply the same one."
 
 
 def diffusers_class(model_id: str) -> str | None:
+    """The diffusers class a folder's config.json names (None: not a diffusers folder; a broken config.json
+    is left to the transformers loader, which reports it in one line)."""
     config = Path(model_id) / "config.json"
     if not config.is_file():
         return None
     try:
-        return json.loads(config.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        found = read_json(config)
+    except LorakitError:
         return None
+    name = found.get("_class_name") if isinstance(found, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _load_diffusers(model_id: str, cls: str) -> nn.Module:
+    """A diffusers model from safetensors only (never a pickle), its loader's failures as one line."""
+    import diffusers
+
+    if not cls.isidentifier() or cls.startswith("_") or not hasattr(diffusers, cls):
+        raise LorakitError(f"{model_id} is a diffusers {cls}, which this diffusers version does not have")
+    logs = diffusers.utils.logging
+    before = logs.get_verbosity()
+    logs.set_verbosity(logs.CRITICAL)  # it logs an error before raising one: the one line below says it
+    try:
+        model = getattr(diffusers, cls).from_pretrained(model_id, use_safetensors=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  (OSError, ValueError, EnvironmentError, ... for one broken folder)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LorakitError(f"could not load diffusers model {model_id}: {first}; check the model folder") from None
+    finally:
+        logs.set_verbosity(before)
+    return model.float().eval()
 
 
 def load_base(model_id: str, adapter: str) -> tuple[nn.Module, Any, str]:
     """(base model in eval mode, tokenizer or None, task: causal-lm | seq-cls | diffusers)."""
     cls = diffusers_class(model_id)
     if cls is not None:
-        import diffusers
-
-        if not hasattr(diffusers, cls):
-            raise LorakitError(f"{model_id} is a diffusers {cls}, which this diffusers version does not have")
-        return getattr(diffusers, cls).from_pretrained(model_id).float().eval(), None, "diffusers"
+        return _load_diffusers(model_id, cls), None, "diffusers"
     from ..formats.detect import detect
     from ..models import load_model, load_tokenizer
     from .common import adapter_info
