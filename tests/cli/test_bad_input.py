@@ -110,6 +110,7 @@ RANGES = [
     (("r", "max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "eval_batch_size"), [str(2**40)]),
     (("batch_size", "grad_accum", "eval_batch_size"), [str(2**17)]),  # one step's examples are held in memory
     (("max_length",), ["1", "0", "-1", str(2**40)]),
+    (("prefix_tokens",), ["0", "-1", str(2**40)]),
     (("warmup_steps", "eval_every", "save_every"), ["-1", str(2**40)]),
     (("seed",), ["-1", str(2**32), BIG[:-1]]),
     (("alpha", "epochs"), ["0", "-1", "-0.5"]),

@@ -14,10 +14,12 @@ from typing import Any
 from ..errors import LorakitError
 from ..formats import read_adapter
 from ..formats.peft import CONFIG_FILE
+from ..formats.peft_prefix import is_prefix_folder
 from ..io import read_json
 from ..model_state import new_weights, saved_modules
 from ..models import load_model, load_tokenizer
 from ..train.config import BASE_DTYPES, TASKS, is_label
+from ..train.methods import load_trained
 
 RUN_FILE = "run.json"  # what `lorakit train` records beside the adapter (task, labels, base model)
 _HEAD_WEIGHT = re.compile(r"\.(score|classifier|classifier\.out_proj)\.weight$")
@@ -52,6 +54,8 @@ def adapter_info(directory: str) -> dict[str, Any]:
             "wrote, e.g. RUN/adapter"
         )
     info = run_record(path / RUN_FILE) if (path / RUN_FILE).exists() else {}
+    if not info.get("task") and is_prefix_folder(path):  # PEFT's prefix folder: no tensors to look at
+        info["task"] = "seq-cls" if read_json(path / CONFIG_FILE).get("task_type") == "SEQ_CLS" else "causal-lm"
     if not info.get("task"):
         config, tensors = read_adapter(path)
         info["task"] = "seq-cls" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
@@ -87,8 +91,6 @@ def load_with_adapters(
     base_dtype: str | None = None,
 ) -> tuple[Any, Any, str, list | None]:
     """(model, tokenizer, task, labels) with each adapter loaded (the last one active); eval mode."""
-    import lorakit
-
     infos = [adapter_info(a) for a in adapters]
     tasks = {i["task"] for i in infos}
     if task is None:
@@ -113,7 +115,7 @@ def load_with_adapters(
         model.config.pad_token_id = tokenizer.pad_token_id
     for i, directory in enumerate(adapters):
         name = names[i] if names else ("default" if len(adapters) == 1 else f"adapter{i + 1}")
-        lorakit.load_adapter(model, directory, name=name)
+        load_trained(model, directory, name)
     if task == "seq-cls" and adapters:  # without one, eval scores the base as it is (a baseline)
         require_trained(model, model_id, adapters)
     return model.eval(), tokenizer, task, labels

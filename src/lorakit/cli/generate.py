@@ -76,11 +76,12 @@ def generate_text(
     """The continuation of `text` (special tokens dropped); a templated text already has its special tokens.
 
     Decodes with the serving engine (preallocated KV cache, lean decode step) and the model's active
-    adapter; models the engine cannot run (no plain key/value cache) use transformers' generate."""
+    adapter; models the engine cannot run (no plain key/value cache, an active prefix) use transformers' generate."""
     import torch
 
     from ..adapters import active_adapter
     from ..errors import LorakitError
+    from ..prefix import active_prefix
     from ..serve.engine import Engine
     from ..serve.sampling import SamplingParams
 
@@ -88,6 +89,8 @@ def generate_text(
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if active_prefix(model) is not None:  # the engine's static cache has no room for a prefix
+        return _transformers_generate(model, tokenizer, torch.tensor([ids]), params)
     try:
         engine = Engine(model, max_batch=1, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id or 0)
     except LorakitError:  # e.g. a sliding-window cache: transformers' own loop
@@ -131,14 +134,21 @@ def run(args: argparse.Namespace) -> int:
     )
     if task != "causal-lm":
         raise LorakitError("this adapter is for sequence classification; use `lorakit eval` to score it")
+    if lorakit.list_prefixes(model) and (len(specs) > 1 or specs[0][1] != 1.0):
+        raise LorakitError(
+            "a prefix adapter (--method prefix / lora+prefix) cannot be mixed; give it alone as --adapter DIR"
+        )
     if len(specs) > 1 or (specs and specs[0][1] != 1.0):
         lorakit.combine(model, {n: w for n, (_, w) in zip(names, specs)}, name="mix")
     model.to(pick_device(args.device))
     text = build_prompt(tokenizer, prompt, args.system, args.raw)
     options = (args.max_new_tokens, args.temperature, args.top_p, text != prompt, args.seed)
     if args.base and specs:
+        prefix = lorakit.active_prefix(model)
         with lorakit.disabled(model):
+            lorakit.set_prefix(model, None)  # disabled() turns LoRA off; the base has no prefix either
             print("[base]", generate_text(model, tokenizer, text, *options))
+        lorakit.set_prefix(model, prefix)
         print("[adapted]", end=" ")
     print(generate_text(model, tokenizer, text, *options))
     return 0

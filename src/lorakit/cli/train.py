@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import INITS
 from ..train.config import DEVICES, SAVED_ACTIVATIONS, SCHEDULES, SWITCHES, TASKS
+from ..train.methods import METHODS
 from .common import add_base_dtype_argument, add_model_argument, quiet_transformers
 
 EXAMPLES = """examples:
@@ -50,6 +51,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction of --data instead (seeded)")
     p.add_argument("--task", choices=TASKS, help="default causal-lm")
     p.add_argument("--out", metavar="DIR", help="run folder: adapter/, metrics.jsonl, loss.png, checkpoints/")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="what to train: a LoRA adapter (default), a prefix (prefix tuning), or both; layout: README",
+    )
+    p.add_argument("--prefix-tokens", type=int, metavar="N", help="prefix length in virtual tokens (default 20)")
+    _switch(p, "prefix-projection", "train the prefix through an MLP (PEFT's prefix_projection)")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, help="rank (default 8)")
     lora.add_argument("--alpha", type=float, help="scale = alpha / r (default 16)")

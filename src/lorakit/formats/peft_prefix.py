@@ -145,6 +145,15 @@ def parse_prefix(peft_config: dict, tensors: dict[str, Tensor], where: str) -> P
     return PrefixFile(config, table, shape, where)
 
 
+def is_prefix_folder(directory: str | Path) -> bool:
+    """Whether `directory` holds a PEFT adapter_config.json saying peft_type PREFIX_TUNING."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    config = read_json(path)
+    return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE
+
+
 def read_prefix_file(directory: str | Path) -> PrefixFile:
     directory = Path(directory)
     if not directory.is_dir():

@@ -4,6 +4,7 @@ parameter groups, the learning-rate schedule, precision, and the checks on --out
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -17,10 +18,12 @@ from ..inject import inject
 from ..io import discard
 from ..layers.saved_module import SavedModule
 from ..models import load_model
+from ..prefix import add_prefix
 from ..quant import is_quantized
 from ..quant.activations import store_activations
 from . import checkpoint, distributed
 from .config import RESUME_FIXED, TrainConfig
+from .methods import PREFIX_NAME, trains
 
 log = logging.getLogger("lorakit.train")
 ADAPTER = "default"
@@ -77,8 +80,9 @@ def clear_out(cfg: TrainConfig) -> None:
 
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys older runs did not record
     for key in RESUME_FIXED:
-        before, now = saved.get(key), getattr(cfg, key)
+        before, now = saved.get(key, defaults[key]), getattr(cfg, key)
         if before != now:
             raise LorakitError(
                 f"--resume: {key} was {before!r} in {path} but is {now!r} now; use the same setting or a fresh --out"
@@ -102,7 +106,8 @@ def rng_states(dist: distributed.Dist) -> dict[str, list[torch.Tensor]]:
 
 
 def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
-    """The base model for the task, with a fresh adapter injected (trainable) and everything else frozen."""
+    """The base model for the task, with a fresh adapter and / or prefix (--method), trainable, and everything
+    else frozen."""
     torch.manual_seed(cfg.seed)  # a new classifier head starts the same in every process and run
     extra: dict[str, Any] = {}
     if labels is not None:
@@ -117,12 +122,12 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
     if cfg.task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # Llama-style classifiers find the last token by it
     heads = classifier_heads(model) if cfg.task == "seq-cls" and not cfg.modules_to_save else None
-    inject(
-        model,
-        cfg.lora_config(default_modules_to_save=heads),
-        name=ADAPTER,
-        seed=cfg.seed,
-    )
+    if trains(cfg.method, "lora"):
+        inject(model, cfg.lora_config(default_modules_to_save=heads), name=ADAPTER, seed=cfg.seed)
+    else:
+        model.requires_grad_(False)  # what inject does for LoRA: only the prefix trains
+    if trains(cfg.method, "prefix"):
+        add_prefix(model, cfg.prefix_config(), name=PREFIX_NAME, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise LorakitError(

@@ -1,7 +1,7 @@
 """Checkpoints that a run can resume from bit for bit, written so a crash never leaves half of one.
 
     <out>/checkpoints/step-00000040/
-        adapter/                 the adapter in PEFT format (usable on its own)
+        adapter/                 the adapter in PEFT format (usable on its own; layout per --method: methods.py)
         trainable.safetensors    every trainable tensor, by parameter name (exact fp32 copy)
         optimizer.safetensors    AdamW moments and step counts;  optimizer.json: param groups
         rng.safetensors          each process's torch CPU (and CUDA) RNG state, for dropout
@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
-from ..formats import save_adapter
 from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
 from ..io import (
     atomic_directory,
@@ -38,6 +37,7 @@ from ..io import (
     write_json,
     write_safetensors,
 )
+from .methods import save_trained
 
 log = logging.getLogger("lorakit.train")
 FOLDER = "checkpoints"
@@ -107,11 +107,12 @@ def save(
     state: dict[str, Any],
     adapter_name: str = "default",
     keep: int = 2,
+    method: str = "lora",
 ) -> Path:
     """Write checkpoint `step` (rank 0 only) and drop all but the newest `keep`."""
     target = Path(run_dir) / FOLDER / f"{PREFIX}{step:08d}"
     with atomic_directory(target) as staging:
-        save_adapter(model, staging / "adapter", name=adapter_name)
+        save_trained(model, staging / "adapter", method, adapter_name)
         trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
         write_safetensors(staging / "trainable.safetensors", trainable)
         tensors, meta = _optimizer_state(optimizer)

@@ -14,7 +14,9 @@ from typing import Any
 from ..config import INITS, MAX_RANK, LoraConfig
 from ..errors import LorakitError
 from ..io import read_yaml as read_strict_yaml
+from ..prefix import PrefixConfig
 from ..quant.convert import FORMATS
+from .methods import METHODS
 
 TASKS = ("causal-lm", "seq-cls")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -45,6 +47,9 @@ RESUME_FIXED = (
     "max_length",
     "labels",
     "base_dtype",
+    "method",
+    "prefix_tokens",
+    "prefix_projection",
 )
 
 
@@ -63,6 +68,10 @@ class TrainConfig:
     task: str = "causal-lm"
     eval_data: str | None = None
     eval_fraction: float | None = None
+    # what is trained (train/methods.py): a LoRA adapter, a prefix (prefix tuning), or both
+    method: str = "lora"
+    prefix_tokens: int = 20  # virtual tokens per layer of the prefix
+    prefix_projection: bool = False  # train the prefix through PEFT's MLP reparameterisation
     # LoRA (mirrors lorakit.LoraConfig; targets=None picks the architecture's default)
     r: int = 8
     alpha: float = 16.0
@@ -119,6 +128,10 @@ class TrainConfig:
             _fail("eval_data", self.eval_data, "give a path to a held-out data file")
         if self.task not in TASKS:
             _fail("task", self.task, f"choose {' or '.join(TASKS)}")
+        if self.method not in METHODS:
+            _fail("method", self.method, f"choose one of {', '.join(METHODS)}")
+        if self.method != "lora" and self.task != "causal-lm":
+            _fail("method", self.method, "prefix tuning is trained for --task causal-lm only; use --method lora")
         if self.eval_fraction is not None and not (
             isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1
         ):
@@ -151,6 +164,7 @@ class TrainConfig:
             ("log_every", 1),
         ):
             self._check_int(name, low, f"give an integer >= {low}")
+        self._check_int("prefix_tokens", 1, "give a number of virtual tokens >= 1, e.g. 20", 2**16)
         self._check_int("seed", 0, "give an integer >= 0", MAX_SEED)
         if self.batch_size * self.grad_accum > MAX_BATCH:
             _fail("batch_size", self.batch_size, f"batch_size x grad_accum may be at most {MAX_BATCH:,} a step")
@@ -173,7 +187,16 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"choose one of {', '.join(allowed)}")
-        for name in ("use_rslora", "use_dora", "gradient_checkpointing", "resume", "overwrite", "progress", "plot"):
+        for name in (
+            "use_rslora",
+            "use_dora",
+            "prefix_projection",
+            "gradient_checkpointing",
+            "resume",
+            "overwrite",
+            "progress",
+            "plot",
+        ):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "use true or false")
         if self.use_dora and self.init == "pissa":
@@ -204,6 +227,9 @@ class TrainConfig:
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
         )
+
+    def prefix_config(self) -> PrefixConfig:
+        return PrefixConfig(num_virtual_tokens=self.prefix_tokens, prefix_projection=self.prefix_projection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

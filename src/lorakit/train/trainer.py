@@ -23,7 +23,6 @@ from torch import nn
 
 from .. import __version__
 from ..adapters import count_parameters
-from ..formats import save_adapter
 from ..io import read_json, write_json
 from ..models import load_tokenizer
 from . import checkpoint, distributed
@@ -41,6 +40,7 @@ from .build import (
 )
 from .config import TrainConfig
 from .data import collate, prepare
+from .methods import save_trained
 from .metrics import MetricsLog
 from .objective import evaluate, loss_sum
 from .stop import StopOnCtrlC
@@ -208,7 +208,16 @@ def _checkpoint(run: _Run, step: int) -> Path | None:
         "lorakit_version": __version__,
     }
     return checkpoint.save(
-        run.out, step, run.model, run.optimizer, run.scheduler, rng, state, ADAPTER, keep=run.cfg.keep_checkpoints
+        run.out,
+        step,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        rng,
+        state,
+        ADAPTER,
+        keep=run.cfg.keep_checkpoints,
+        method=run.cfg.method,
     )
 
 
@@ -381,7 +390,7 @@ def _finish(run: _Run, step: int, train_seconds: float, total_tokens: int) -> Tr
             "config": cfg.to_dict(),
         }
         with checkpoint.atomic_directory(adapter_dir) as staging:
-            save_adapter(run.model, staging, name=ADAPTER)
+            save_trained(run.model, staging, cfg.method, ADAPTER)
             write_json(staging / "run.json", record)
         write_json(run.out / "run.json", record)
         if cfg.plot:
