@@ -165,16 +165,22 @@ def parse_json(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise ValueError(f"it is not valid UTF-8 text ({err.reason})") from None
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Strict JSON (see parse_json) from a file of at most MAX_JSON_BYTES."""
+def read_capped(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; `what` names it in errors."""
     path = Path(path)
     if not path.is_file():
-        raise LorakitError(f"{path} does not exist; check the path")
+        raise LorakitError(f"{what} does not exist or is not a file; check the path")
     size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise LorakitError(f"{path} is {size:,} bytes; lorakit reads JSON files up to {MAX_JSON_BYTES:,} bytes")
+    if size > limit:
+        raise LorakitError(f"{what} is {size:,} bytes; lorakit reads such files up to {limit:,} bytes")
+    return path.read_bytes()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Strict JSON (see parse_json) from a file of at most MAX_JSON_BYTES."""
+    data = read_capped(path, str(path), MAX_JSON_BYTES)
     try:
-        return parse_json(path.read_bytes())
+        return parse_json(data)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LorakitError(f"{path} is not valid JSON ({err}); re-create it") from None
 
@@ -184,13 +190,7 @@ MAX_YAML_BYTES = 1024 * 1024  # a settings file; far above any real one
 
 def read_text(path: str | os.PathLike, what: str, limit: int) -> str:
     """A UTF-8 text file of at most `limit` bytes; `what` names it in errors (e.g. "--config run.yaml")."""
-    path = Path(path)
-    if not path.is_file():
-        raise LorakitError(f"{what} does not exist or is not a file; check the path")
-    size = path.stat().st_size
-    if size > limit:
-        raise LorakitError(f"{what} is {size:,} bytes; lorakit reads such files up to {limit:,} bytes")
-    data = path.read_bytes()
+    data = read_capped(path, what, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
