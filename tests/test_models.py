@@ -23,6 +23,21 @@ def test_local_folder_errors_are_clear(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_a_pickled_model_is_never_loaded(tmp_path):
+    """A folder whose weights are only pytorch_model.bin is refused before anything reads the pickle (this
+    one would run a shell command if unpickled)."""
+    from tiny_hf import save_tiny
+
+    folder = save_tiny(tmp_path / "llama", "llama")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    (folder / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(LorakitError, match="pytorch_model.bin, a pickle lorakit never loads"):
+        load_model(str(folder))
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_real_smollm2_lora_invariants_and_peft_parity(smollm2, tmp_path):
     model, tokenizer = smollm2

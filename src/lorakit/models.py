@@ -28,12 +28,8 @@ log = logging.getLogger("lorakit.models")
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the converted weights are, for adapter configs
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # never loaded: a pickle runs code
 
 
 def cache_dir() -> Path:
@@ -99,6 +95,11 @@ def resolve(name_or_path: str) -> str:
                 "GGUF file"
             )
         if not any((path / f).is_file() for f in _WEIGHT_FILES):
+            if any((path / f).is_file() for f in _PICKLED_WEIGHTS):
+                raise LorakitError(
+                    f"model folder {path} holds its weights only as pytorch_model.bin, a pickle lorakit never loads; "
+                    "convert it once with transformers (from_pretrained, then save_pretrained: safetensors)"
+                )
             raise LorakitError(f"model folder {path} has no weights (model.safetensors); save the model there first")
     elif str(name_or_path).startswith((".", "/", "~")):
         raise LorakitError(f"model folder {name_or_path} does not exist; check the path")
@@ -158,7 +159,9 @@ def load_model(
     else:
         raise LorakitError(f"task={task!r} is invalid: choose causal-lm or seq-cls")
     try:
-        model, info = loader.from_pretrained(path, **extra, **kwargs, output_loading_info=True)
+        model, info = loader.from_pretrained(
+            path, **extra, **kwargs, use_safetensors=True, output_loading_info=True
+        )  # use_safetensors: a hub id never falls back to a pickled pytorch_model.bin either
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001  (a broken folder: OSError, ValueError, KeyError, SafetensorError, ...)

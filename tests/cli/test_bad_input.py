@@ -350,6 +350,7 @@ def _bytes(name: str, data: bytes | Callable[[bytes], bytes]) -> Callable[[Path]
 MODEL_CHANGES = {
     "no config.json": lambda f: (f / "config.json").unlink(),
     "no weights": lambda f: (f / "model.safetensors").unlink(),
+    "weights only a pickle": lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
     "config not JSON": _bytes("config.json", b"{"),
     "config not UTF-8": _bytes("config.json", b'{"model_type": "caf\xe9"}'),
     "config a list": _bytes("config.json", b"[]"),
