@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .attach import AdapterPlan, LayerChange, apply, check_new_name
+from .apply_plan import apply
+from .attach import AdapterPlan, LayerChange, check_new_name
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import AdapterSpec

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attach import apply, plan_new
+from .apply_plan import apply
+from .attach import plan_new
 from .config import LoraConfig
 from .quant import base_format, quantize_base
 from .targets import DEFAULT_TARGETS, find_targets  # noqa: F401  (re-exported: callers import them from here)

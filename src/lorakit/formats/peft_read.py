@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attach import AdapterFile, apply, check_finite, check_tensor, plan_file
+from ..apply_plan import apply
+from ..attach import AdapterFile, check_finite, check_tensor, plan_file
 from ..config import BIASES, LoraConfig
 from ..errors import LorakitError
 from ..io import inside, read_json, read_safetensors
