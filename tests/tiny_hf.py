@@ -130,3 +130,17 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
         "chat": write_jsonl(root / "chat.jsonl", chat),
         "cls": write_jsonl(root / "cls.jsonl", cls),
     }
+
+
+def reference_text_loss(model, tokenizer, data_file: Path) -> float:
+    """The token-mean causal-LM loss of a `{"text": ...}` JSONL file, each text followed by EOS, computed by
+    `model` (e.g. PEFT's) one text at a time: the independent reference for `lorakit eval`."""
+    texts = [json.loads(line)["text"] for line in data_file.read_text().splitlines()]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return total / count

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_hf import reference_text_loss
 
 from lorakit.cli.main import main
 
@@ -135,15 +136,7 @@ def test_eval_merge_generate_agree_with_peft_and_transformers(cli, tiny_models, 
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == {"loss", "perplexity"}
-    texts = [json.loads(line)["text"] for line in data_files["text"].read_text().splitlines()]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids
-            ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
-            total += peft_model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    assert result["loss"] == pytest.approx(total / count, rel=1e-4)
+    assert result["loss"] == pytest.approx(reference_text_loss(peft_model, tokenizer, data_files["text"]), rel=1e-4)
 
     code, out, err = cli("merge", "--model", model_dir, "--adapter", adapter, "--out", tmp_path / "merged")
     assert code == 0, err

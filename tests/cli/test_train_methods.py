@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_commands import cli, train_args  # noqa: F401  (cli is a fixture)
+from tiny_hf import reference_text_loss
 
 import lorakit
 from lorakit.cli.common import load_with_adapters
@@ -107,15 +108,9 @@ def test_prefix_generate_and_eval_match_peft(cli, tiny_models, data_files, tmp_p
 
     code, out, err = cli("eval", "--model", model_dir, "--adapter", adapter, "--data", data_files["text"], "--json")
     assert code == 0, err
-    texts = [json.loads(line)["text"] for line in data_files["text"].read_text().splitlines()]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids
-            ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
-            total += peft_model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    assert json.loads(out)["loss"] == pytest.approx(total / count, rel=1e-4)
+    assert json.loads(out)["loss"] == pytest.approx(
+        reference_text_loss(peft_model, tokenizer, data_files["text"]), rel=1e-4
+    )
 
     code, out, err = cli(
         "generate", "--model", model_dir, "--adapter", adapter, "--prompt", PROBE, "--raw", "--max-new-tokens", 6
