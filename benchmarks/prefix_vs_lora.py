@@ -4,10 +4,14 @@ Task: SmolLM2-135M-Instruct, real movie-review sentiment as chat (system instruc
 `positive` / `negative`), loss on the answer only; `make demo`'s data split and settings (batch 8, max
 length 128, 3 warm-up steps, cosine, seed 0, LoRA r=8 alpha=16 on the default q_proj,v_proj), 32 steps
 for every method, each in a fresh subprocess: `lorakit train --method lora | prefix | lora+prefix`
-(prefix: 20 virtual tokens per layer, no reparameterisation). Reports held-out answer loss before and
+(prefix: 20 virtual tokens per layer, no reparameterisation, started as the model's own keys and values
+of a task-neutral text: `--prefix-init tokens`, the default). Reports held-out answer loss before and
 after, trainable parameters and wall seconds; prints a markdown table and writes JSON.
 
-    python benchmarks/prefix_vs_lora.py [--steps 32] [--lr 3e-3] [--threads 2]
+Extra rows, clearly labelled and run after the three: `--random-init` adds prefix tuning from PEFT's
+random N(0, 1) start; `--prefix-lr X` adds prefix tuning (tokens start) at learning rate X.
+
+    python benchmarks/prefix_vs_lora.py [--steps 32] [--lr 3e-3] [--threads 2] [--random-init] [--prefix-lr X]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def child(args) -> None:
             eval_data=args.held,
             out=str(Path(args.out) / args.method.replace("+", "-")),
             method=args.method,
+            prefix_init=args.prefix_init,
             r=8,
             alpha=16,
             max_steps=args.steps,
@@ -76,6 +81,8 @@ def child(args) -> None:
     )
     row = {
         "method": args.method,
+        "prefix_init": args.prefix_init if args.method != "lora" else None,
+        "lr": args.lr,
         "trainable": result.trainable,
         "total": result.total,
         "loss_before": result.eval_before["loss"],
@@ -93,7 +100,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/prefix_vs_lora")
     parser.add_argument("--json", default="benchmarks/results/prefix_vs_lora.json")
+    parser.add_argument("--random-init", action="store_true", help="add a row: prefix from PEFT's random start")
+    parser.add_argument("--prefix-lr", type=float, help="add a row: prefix (tokens start) at this learning rate")
     parser.add_argument("--child", choices=METHODS, dest="method", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix-init", default="tokens", help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--held", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,26 +112,56 @@ def main() -> int:
         return 0
     out = Path(args.out)
     train_file, held_file = prepare(out, args.steps, 8, 160)
+    cases = [(method, "tokens", args.lr) for method in METHODS]
+    if args.random_init:
+        cases.append(("prefix", "random", args.lr))
+    if args.prefix_lr:
+        cases.append(("prefix", "tokens", args.prefix_lr))
     rows = []
-    for method in METHODS:
+    for method, init, lr in cases:
         command = [sys.executable, __file__, "--child", method, "--train", str(train_file), "--held", str(held_file)]
-        command += ["--out", str(out), "--steps", str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads)]
+        command += ["--out", str(out / f"{init}-{lr:g}"), "--steps", str(args.steps), "--lr", str(lr)]
+        command += ["--threads", str(args.threads), "--prefix-init", init]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
         rows.append(json.loads(line[len("RESULT ") :]))
-        print(f"{method}: held-out loss {rows[-1]['loss_after']:.4f}", flush=True)
+        rows[-1]["label"] = _label(rows[-1], args.lr)
+        print(f"{rows[-1]['label']}: held-out loss {rows[-1]['loss_after']:.4f}", flush=True)
+        _write(args, rows)
     print(f"\n| method ({args.steps} steps, lr {args.lr:g}) | trainable | share | held-out loss before -> after | s |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         share = r["trainable"] / r["total"]
         print(
-            f"| {r['method']} | {r['trainable']:,} | {share:.3%} | {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
+            f"| {r['label']} | {r['trainable']:,} | {share:.3%} | {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
             f"| {r['wall_seconds']:.0f} |"
         )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"steps": args.steps, "lr": args.lr, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
+
+
+def _label(row: dict, lr: float) -> str:
+    notes = []
+    if row["prefix_init"] == "random":
+        notes.append("random init")
+    if row["lr"] != lr:
+        notes.append(f"lr {row['lr']:g}")
+    return row["method"] + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _write(args, rows: list[dict]) -> None:
+    """The JSON after every case, so a run cut short keeps what it measured."""
+    record = {"steps": args.steps, "lr": args.lr, "threads": args.threads, "cpu": _cpu(), "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _cpu() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown")
 
 
 if __name__ == "__main__":

@@ -29,21 +29,24 @@ from torch import Tensor, nn
 
 from .errors import LorakitError
 from .model_state import adapter_configs, check_adapter_name
+from .prefix_init import start_at, tokens_table
 
 HOLDER = "lorakit_prefix"  # child module of the backbone that holds the prefixes
-INITS = ("random", "zero")
+INITS = ("random", "zero", "tokens")
 
 
 @dataclass
 class PrefixConfig:
     """num_virtual_tokens: prefix length n. prefix_projection: train E (n x D) through a two-layer MLP
     of width encoder_hidden_size (default D) instead of P itself (PEFT's reparameterisation).
-    init: "random" (PEFT's default: E ~ N(0, 1), MLP as nn.Linear) or "zero" (P starts at 0)."""
+    init: "random" (PEFT's default: E ~ N(0, 1), MLP as nn.Linear), "zero" (P starts at 0) or "tokens"
+    (P starts as the model's own keys and values of the n real tokens `token_ids`: prefix_init.py)."""
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init: str = "random"
+    token_ids: list[int] | None = None  # init="tokens": exactly num_virtual_tokens ids (prefix_token_ids)
 
     def __post_init__(self) -> None:
         n = self.num_virtual_tokens
@@ -55,7 +58,27 @@ class PrefixConfig:
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise LorakitError(f"encoder_hidden_size={h!r} is invalid: give an integer >= 1 (or leave it unset)")
         if self.init not in INITS:
-            raise LorakitError(f"init={self.init!r} is invalid for a prefix: choose {' or '.join(INITS)}")
+            raise LorakitError(f"init={self.init!r} is invalid for a prefix: choose {', '.join(INITS)}")
+        self._check_token_ids()
+
+    def _check_token_ids(self) -> None:
+        ids, n = self.token_ids, self.num_virtual_tokens
+        if self.init != "tokens":
+            if ids is not None:
+                raise LorakitError(f"token_ids is given but init={self.init!r}; token_ids go with init='tokens'")
+            return
+        if isinstance(ids, tuple):
+            ids = self.token_ids = list(ids)
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise LorakitError(
+                f"token_ids={ids!r} is invalid for init='tokens': give a list of {n} token ids (integers >= 0), "
+                "e.g. lorakit.prefix_init.prefix_token_ids(tokenizer, text, n)"
+            )
+        if len(ids) != n:
+            raise LorakitError(
+                f"token_ids has {len(ids)} ids but num_virtual_tokens={n}; init='tokens' needs exactly one id per "
+                "virtual token"
+            )
 
 
 @dataclass(frozen=True)
@@ -238,14 +261,19 @@ def attach_encoder(model: nn.Module, name: str, encoder: PrefixEncoder, activate
 
 def add_prefix(model: nn.Module, config: PrefixConfig, name: str = "prefix", seed: int | None = None) -> nn.Module:
     """Add a new trainable prefix `name` and make it active; nothing else on the model changes
-    (freeze the base first, e.g. with lorakit.inject or model.requires_grad_(False))."""
+    (freeze the base first, e.g. with lorakit.inject or model.requires_grad_(False)). With init="tokens"
+    the table starts as the model's keys and values of config.token_ids, computed as the model stands
+    (LoRA adapters as they are, prefixes off)."""
     if not isinstance(config, PrefixConfig):
         raise LorakitError(f"add_prefix takes a lorakit.PrefixConfig, not {type(config).__name__}")
     check_new_prefix_name(model, name)
     shape = prefix_shape(model)
     _check_backbone(model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    attach_encoder(model, name, PrefixEncoder(config, shape, generator))
+    encoder = PrefixEncoder(config, shape, generator)
+    if config.init == "tokens":
+        start_at(encoder, tokens_table(model, config.token_ids, shape))
+    attach_encoder(model, name, encoder)
     return model
 
 

@@ -135,11 +135,41 @@ def test_prefix_run_resumes_exactly(cli, tiny_models, data_files, tmp_path):  # 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
+@pytest.mark.parametrize("init", ["tokens", "random"])
+def test_a_trained_prefix_starts_as_the_default_texts_tokens(tiny_models, data_files, tmp_path, init):  # noqa: F811
+    """--prefix-init tokens (the default): before any step, the model with its prefix computes what the plain
+    model computes with DEFAULT_TEXT's first tokens written in front; --prefix-init random does not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.prefix_init import DEFAULT_TEXT
+    from lorakit.train.build import build_model
+    from lorakit.train.config import TrainConfig
+
+    model_dir = tiny_models["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chosen = {} if init == "tokens" else {"prefix_init": init}
+    cfg = TrainConfig(
+        model=str(model_dir), data=str(data_files["text"]), out=str(tmp_path), method="prefix", prefix_tokens=TOKENS
+    )
+    cfg = TrainConfig(**{**cfg.to_dict(), **chosen})
+    model = build_model(cfg, tokenizer, None).eval()
+    plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = tokenizer(PROBE, return_tensors="pt").input_ids
+    start = torch.tensor([tokenizer(DEFAULT_TEXT)["input_ids"][:TOKENS]])
+    with torch.no_grad():
+        got = model(input_ids=text).logits
+        joined = plain(input_ids=torch.cat([start, text], dim=1)).logits[:, TOKENS:]
+    assert torch.allclose(got, joined, atol=1e-5) is (init == "tokens")
+
+
 @pytest.mark.parametrize(
     "extra, expect",
     [
         (("--method", "bogus"), "--method"),
         (("--method", "prefix", "--prefix-tokens", "0"), "prefix_tokens"),
+        (("--method", "prefix", "--prefix-init", "words"), "--prefix-init"),
+        (("--method", "prefix", "--prefix-init-text", " "), "prefix_init_text"),
+        (("--method", "prefix", "--prefix-init", "random", "--prefix-init-text", "hi"), "prefix_init_text"),
         (("--method", "prefix", "--task", "seq-cls"), "causal-lm"),
     ],
 )

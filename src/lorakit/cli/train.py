@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import INITS
+from ..prefix import INITS as PREFIX_INITS
 from ..train.config import DEVICES, SAVED_ACTIVATIONS, SCHEDULES, SWITCHES, TASKS
 from ..train.methods import METHODS
 from .common import add_base_dtype_argument, add_model_argument, quiet_transformers
@@ -58,6 +59,18 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--prefix-tokens", type=int, metavar="N", help="prefix length in virtual tokens (default 20)")
     _switch(p, "prefix-projection", "train the prefix through an MLP (PEFT's prefix_projection)")
+    p.add_argument(
+        "--prefix-init",
+        choices=PREFIX_INITS,
+        help="how the prefix starts: tokens (default: the model's own keys/values of real tokens, "
+        "--prefix-init-text; Li & Liang 2021), random (PEFT's default N(0, 1), which breaks the untrained model), zero",
+    )
+    p.add_argument(
+        "--prefix-init-text",
+        metavar="TEXT",
+        help="with --prefix-init tokens: the text whose tokens (repeated / cut to --prefix-tokens) start the prefix "
+        "(default: a task-neutral sentence, lorakit.prefix_init.DEFAULT_TEXT)",
+    )
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, help="rank (default 8)")
     lora.add_argument("--alpha", type=float, help="scale = alpha / r (default 16)")

@@ -127,7 +127,7 @@ def build_model(cfg: TrainConfig, tokenizer, labels: list | None) -> nn.Module:
     else:
         model.requires_grad_(False)  # what inject does for LoRA: only the prefix trains
     if trains(cfg.method, "prefix"):
-        add_prefix(model, cfg.prefix_config(), name=PREFIX_NAME, seed=cfg.seed)
+        add_prefix(model, cfg.prefix_config(tokenizer), name=PREFIX_NAME, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise LorakitError(

@@ -14,6 +14,7 @@ from typing import Any
 from ..config import INITS, MAX_RANK, LoraConfig
 from ..errors import LorakitError
 from ..io import read_yaml as read_strict_yaml
+from ..prefix import INITS as PREFIX_INITS
 from ..prefix import PrefixConfig
 from ..quant.convert import FORMATS
 from .methods import METHODS
@@ -50,6 +51,8 @@ RESUME_FIXED = (
     "method",
     "prefix_tokens",
     "prefix_projection",
+    "prefix_init",
+    "prefix_init_text",
 )
 
 
@@ -72,6 +75,10 @@ class TrainConfig:
     method: str = "lora"
     prefix_tokens: int = 20  # virtual tokens per layer of the prefix
     prefix_projection: bool = False  # train the prefix through PEFT's MLP reparameterisation
+    # how the prefix starts (lorakit/prefix_init.py): "tokens" = the model's keys/values of prefix_init_text
+    # (None: prefix_init.DEFAULT_TEXT, task-neutral); "random" = PEFT's N(0, 1) default; "zero"
+    prefix_init: str = "tokens"
+    prefix_init_text: str | None = None
     # LoRA (mirrors lorakit.LoraConfig; targets=None picks the architecture's default)
     r: int = 8
     alpha: float = 16.0
@@ -165,6 +172,13 @@ class TrainConfig:
         ):
             self._check_int(name, low, f"give an integer >= {low}")
         self._check_int("prefix_tokens", 1, "give a number of virtual tokens >= 1, e.g. 20", 2**16)
+        if self.prefix_init not in PREFIX_INITS:
+            _fail("prefix_init", self.prefix_init, f"choose one of {', '.join(PREFIX_INITS)}")
+        text = self.prefix_init_text
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            _fail("prefix_init_text", text, "give a non-empty text (its tokens start the prefix)")
+        if text is not None and self.prefix_init != "tokens":
+            _fail("prefix_init_text", text, "goes with --prefix-init tokens")
         self._check_int("seed", 0, "give an integer >= 0", MAX_SEED)
         if self.batch_size * self.grad_accum > MAX_BATCH:
             _fail("batch_size", self.batch_size, f"batch_size x grad_accum may be at most {MAX_BATCH:,} a step")
@@ -228,8 +242,19 @@ class TrainConfig:
             use_dora=self.use_dora,
         )
 
-    def prefix_config(self) -> PrefixConfig:
-        return PrefixConfig(num_virtual_tokens=self.prefix_tokens, prefix_projection=self.prefix_projection)
+    def prefix_config(self, tokenizer=None) -> PrefixConfig:
+        """The prefix to train; init "tokens" needs the tokenizer to encode prefix_init_text."""
+        ids = None
+        if self.prefix_init == "tokens":
+            from ..prefix_init import DEFAULT_TEXT, prefix_token_ids
+
+            ids = prefix_token_ids(tokenizer, self.prefix_init_text or DEFAULT_TEXT, self.prefix_tokens)
+        return PrefixConfig(
+            num_virtual_tokens=self.prefix_tokens,
+            prefix_projection=self.prefix_projection,
+            init=self.prefix_init,
+            token_ids=ids,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
