@@ -9,7 +9,8 @@ of a task-neutral text: `--prefix-init tokens`, the default). Reports held-out a
 after, trainable parameters and wall seconds; prints a markdown table and writes JSON.
 
 Extra rows, clearly labelled and run after the three: `--random-init` adds prefix tuning from PEFT's
-random N(0, 1) start; `--prefix-lr X` adds prefix tuning (tokens start) at learning rate X.
+random N(0, 1) start; `--prefix-lr X` adds prefix tuning (tokens start) at learning rate X. `--methods`
+picks which of the three run (`--methods "" --random-init --json X`: only an extra row, its own JSON).
 
     python benchmarks/prefix_vs_lora.py [--steps 32] [--lr 3e-3] [--threads 2] [--random-init] [--prefix-lr X]
 """
@@ -100,6 +101,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/prefix_vs_lora")
     parser.add_argument("--json", default="benchmarks/results/prefix_vs_lora.json")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="which of the three main rows run (comma-separated; may be empty)"
+    )
     parser.add_argument("--random-init", action="store_true", help="add a row: prefix from PEFT's random start")
     parser.add_argument("--prefix-lr", type=float, help="add a row: prefix (tokens start) at this learning rate")
     parser.add_argument("--child", choices=METHODS, dest="method", help=argparse.SUPPRESS)
@@ -112,7 +116,11 @@ def main() -> int:
         return 0
     out = Path(args.out)
     train_file, held_file = prepare(out, args.steps, 8, 160)
-    cases = [(method, "tokens", args.lr) for method in METHODS]
+    chosen = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    cases = [(method, "tokens", args.lr) for method in chosen]
     if args.random_init:
         cases.append(("prefix", "random", args.lr))
     if args.prefix_lr:
