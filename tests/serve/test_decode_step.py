@@ -16,7 +16,7 @@ from lorakit import LoraConfig
 from lorakit.model_state import lora_layers
 from lorakit.quant import quantize_base
 from lorakit.serve import Engine, SamplingParams
-from lorakit.serve.decode_step import lean_layers
+from lorakit.serve.decode_step import lean_layers, shared_steps
 
 VOCAB = 96
 
@@ -135,3 +135,39 @@ def test_lean_layers_only_for_the_layers_it_reproduces():
     handle.remove()
     model.config._attn_implementation = "eager"
     assert lean_layers(model) is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_one_adapter_batches_skip_per_row_routing_and_match_generate(kind, monkeypatch):
+    """Rows that all use one adapter (one stream) decode through shared_steps: no per-row routing."""
+    import lorakit.serve.engine as engine_module
+
+    model = tiny(kind)
+    merged = with_adapters(model, 3)
+    engine = Engine(model, max_batch=2)
+    routed = []
+    real_per_row = engine_module.per_row
+    monkeypatch.setattr(engine_module, "per_row", lambda m, names: routed.append(names) or real_per_row(m, names))
+    for name in ("a2", None, "a0", "a1"):  # two rows of one adapter at a time, joining at different steps
+        work = jobs([name, name, name], seed=4)
+        for (prompt, _, tokens), out in zip(work, run(engine, work, joins=1)):
+            assert out == hf_greedy(merged[name], prompt, tokens), (name, prompt)
+    assert len(routed) == engine.stats["prefills"]  # prefills route rows; no decode step did
+    for name in (None, "a0", "a1", "a2"):
+        assert shared_steps(model, engine.lean, name) is not None
+
+
+def test_shared_steps_leave_what_they_cannot_reproduce_to_the_modules():
+    model = tiny("llama")
+    with_adapters(model, 1)
+    layers = lean_layers(model)
+    assert shared_steps(model, layers, "a0") is not None
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["v_proj"], use_dora=True), "dora", seed=1)
+    assert shared_steps(model, layers, "dora") is None  # DoRA rescales: the module's own forward
+    assert shared_steps(model, layers, "a0") is not None  # other adapters of the same layers still go direct
+    handle = layers[1].mlp.up_proj.register_forward_hook(lambda *args: None)
+    assert shared_steps(model, layers, "a0") is None  # a hook must see its call
+    handle.remove()
+    lorakit.set_adapter(model, "a0")
+    lorakit.merge(model)
+    assert shared_steps(model, layers, None) is None  # merged weights: per_row refuses with its own message

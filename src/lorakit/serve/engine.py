@@ -32,7 +32,7 @@ from ..errors import LorakitError
 from ..model_state import require_adapter
 from ..per_row import per_row
 from .adapter_cache import AdapterCache
-from .decode_step import decode_step, lean_layers
+from .decode_step import decode_step, lean_layers, module_steps, shared_steps
 from .kv_cache import StaticKV
 from .logprobs import token_logprobs
 from .sampling import SamplingParams, sample_rows
@@ -286,8 +286,15 @@ class Engine:
         mask = self.cache.open_column()
         adapters = [r.request.adapter for r in self.rows]
         if self.lean is not None:
-            with torch.no_grad(), per_row(self.model, adapters):
-                logits = decode_step(self.model, self.lean, ids, positions, self.cache, mask if padded else None)
+            mask = mask if padded else None
+            with torch.no_grad():
+                # one adapter (or none) for every row: no per-row routing at all (decode_step.shared_steps)
+                steps = shared_steps(self.model, self.lean, adapters[0]) if len(set(adapters)) == 1 else None
+                if steps is not None:
+                    logits = decode_step(self.model, steps, ids, positions, self.cache, mask)
+                else:
+                    with per_row(self.model, adapters):
+                        logits = decode_step(self.model, module_steps(self.lean), ids, positions, self.cache, mask)
         else:
             logits, _ = self._forward(ids, mask, positions, self.cache, adapters)
             self.cache.advance()
