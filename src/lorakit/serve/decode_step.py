@@ -160,19 +160,19 @@ def _base(module: nn.Module) -> Fn | None:
     return None
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """transformers' x·cos + rotate_half(x)·sin, with rotate_half(x) = (-x2, x1) written as roll(x)·(-1, 1):
+    negating a factor is exact, so the product is bitwise the same, in one op instead of four."""
+    return (x * cos) + (torch.roll(x, x.shape[-1] // 2, -1) * signed_sin)
 
 
-def _attention(step: Step, x: Tensor, cos: Tensor, sin: Tensor, cache: StaticKV, index: int, mask) -> Tensor:
+def _attention(step: Step, x: Tensor, cos: Tensor, signed_sin: Tensor, cache: StaticKV, index: int, mask) -> Tensor:
     attn, rows = step.attn, x.shape[0]
     dim = attn.head_dim
     q = step.q(x).view(rows, -1, 1, dim)  # (rows, heads, 1, dim): one query per row
     k = step.k(x).view(rows, -1, 1, dim)
     v = step.v(x).view(rows, -1, 1, dim)
-    q = (q * cos) + (_rotate_half(q) * sin)
-    k = (k * cos) + (_rotate_half(k) * sin)
+    q, k = _rope(q, cos, signed_sin), _rope(k, cos, signed_sin)
     keys, values = cache.write(index, k, v)
     groups = attn.num_key_value_groups
     if mask is None:
@@ -190,7 +190,8 @@ def decode_step(model: nn.Module, steps: list[Step], ids: Tensor, positions: Ten
     embedded = backbone.embed_tokens(ids)
     hidden = embedded.reshape(ids.shape[0], -1)
     cos, sin = backbone.rotary_emb(embedded, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (rows, 1, 1, dim)
+    half = sin.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(1)  # (rows, 1, 1, dim)
     mask = None if mask is None else mask[:, None, None, :]
     for index, step in enumerate(steps):
         hidden = hidden + _attention(step, step.norm1(hidden), cos, sin, cache, index, mask)
