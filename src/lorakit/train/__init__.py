@@ -5,7 +5,8 @@
 
 config.py (settings, YAML + flags) · data.py (files -> token ids) · batches.py (which examples
 each step sees, length groups) · objective.py (loss, evaluation) · head_loss.py (the output head
-fused with the loss) · shared_prefix.py (leading tokens all rows share, computed once) · build.py
+fused with the loss) · packing.py (training micro-batches as packed rows, each example attending to
+itself) · shared_prefix.py (leading tokens all rows share, computed once) · build.py
 (model, optimizer, schedule, --out / --resume checks) · trainer.py (the loop: step, evaluate,
 checkpoint, finish) · checkpoint.py (atomic, resumable) · distributed.py (DDP) · metrics.py
 """

@@ -9,6 +9,8 @@ For the usual plain-linear heads the head is skipped inside the model (its input
 run fused with the loss on the target rows only (head_loss.py): no batch x length x vocab logits
 are ever formed, and a short completion costs a few rows of the head instead of every position.
 Rows that start with the same tokens (a chat header, a system prompt) compute them once (shared_prefix.py).
+Training micro-batches of the usual decoders run packed instead (packing.py): examples end to end in
+few rows, each attending to itself only, the shared head once, no padding and one forward call.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import shared_prefix
+from . import packing, shared_prefix
 from .data import IGNORE, Example, collate
 from .head_loss import linear_cross_entropy
 
@@ -90,6 +92,16 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tup
     hidden = _last_hidden(model, inputs, head)[:, :-1][mask]  # position t predicts token t+1: targets only
     loss, correct = linear_cross_entropy(hidden, head.weight, head.bias, targets[mask])
     return loss, correct, int(mask.sum())
+
+
+def packs(model: nn.Module, task: str) -> bool:
+    """Whether training batches of `model` run as packed rows (packing.py) rather than padded."""
+    return task == "causal-lm" and _plain_head(model) is not None and packing.applies(model)
+
+
+def packed_loss_sum(model: nn.Module, examples: list[Example], pad_id: int, device: torch.device) -> torch.Tensor:
+    """The sum of per-target losses of `examples` run as packed rows (only where `packs`)."""
+    return packing.loss_sum(model, examples, pad_id, _plain_head(model), _capture_head_input, device)[0]
 
 
 @torch.no_grad()

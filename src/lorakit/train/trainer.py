@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .data import collate, prepare
 from .methods import save_trained
 from .metrics import MetricsLog
-from .objective import evaluate, loss_sum
+from .objective import evaluate, loss_sum, packed_loss_sum, packs
 from .stop import StopOnCtrlC
 
 log = logging.getLogger("lorakit.train")
@@ -227,21 +227,21 @@ def _step(run: _Run, step: int, stop_requested: bool) -> _StepStats:
     cfg, dist, train = run.cfg, run.dist, run.data.train
     tick = time.perf_counter()
     n_targets = sum(train[i].n_targets for i in run.plan.step_indices(step))
+    packed = packs(run.ddp_model, cfg.task)
     passes = [
-        [train[indices[j]] for j in group]
+        [train[i] for i in indices] if packed else [train[indices[j]] for j in group]
         for indices in run.plan.micro_batches(step, dist.rank)
-        for group in length_groups([len(train[i].input_ids) for i in indices])
+        for group in ([indices] if packed else length_groups([len(train[i].input_ids) for i in indices]))
     ]
     loss_here, tokens_here = 0.0, 0
     for p, group in enumerate(passes):
-        batch = {k: v.to(dist.device) for k, v in collate(group, run.tokenizer.pad_token_id).items()}
         last = not dist.enabled or p == len(passes) - 1
         with contextlib.nullcontext() if last else run.ddp_model.no_sync():
             with run.autocast():
-                loss, _, _ = loss_sum(run.ddp_model, batch, cfg.task)
+                loss = _pass_loss(run, group, packed)
             (loss * (dist.world_size / n_targets)).backward()
         loss_here += loss.item()
-        tokens_here += int(batch["attention_mask"].sum())
+        tokens_here += sum(len(e.input_ids) for e in group)
     loss_all, tokens_all, stop_votes = dist.sum([loss_here, tokens_here, float(stop_requested)])
     step_loss = loss_all / n_targets
     grad_norm = float(
@@ -254,6 +254,14 @@ def _step(run: _Run, step: int, stop_requested: bool) -> _StepStats:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return _StepStats(step_loss, grad_norm, int(tokens_all), time.perf_counter() - tick, stop_votes)
+
+
+def _pass_loss(run: _Run, examples: list, packed: bool) -> torch.Tensor:
+    """The summed loss of one forward pass over `examples`: packed rows, or one padded batch."""
+    if packed:
+        return packed_loss_sum(run.ddp_model, examples, run.tokenizer.pad_token_id, run.dist.device)
+    batch = {k: v.to(run.dist.device) for k, v in collate(examples, run.tokenizer.pad_token_id).items()}
+    return loss_sum(run.ddp_model, batch, run.cfg.task)[0]
 
 
 def _diverged(run: _Run, step: int, loss: float, grad_norm: float) -> None:
