@@ -276,14 +276,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_mode
     from lorakit.train import trainer
 
     calls = {"n": 0}
-    real = trainer.loss_sum
+    real = trainer._pass_loss  # every forward pass of a step, packed or padded
 
-    def poisoned(model, batch, task):
+    def poisoned(run, examples, packed):
         calls["n"] += 1
-        loss, correct, count = real(model, batch, task)
-        return (loss * float("nan") if calls["n"] == 5 else loss), correct, count
+        loss = real(run, examples, packed)
+        return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(trainer, "loss_sum", poisoned)
+    monkeypatch.setattr(trainer, "_pass_loss", poisoned)
     code, _, err = cli(
         *train_args(tiny_models["llama"], data_files["text"], tmp_path / "run", "--max-steps", 8, "--save-every", 2)
     )
