@@ -11,21 +11,30 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 
 
-def tiny_llama(seed: int = 0, vocab: int = 128):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The shape of every tiny Llama-family decoder here (Llama, Qwen2, ...): 2 layers, 4 query / 2 key-value heads.
+TINY_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
+
+def tiny_decoder(family: str = "llama", seed: int = 0, vocab: int = 128, **overrides):
+    """A seeded tiny causal LM of a Llama-family architecture ("llama" or "qwen2"), in eval mode;
+    `overrides` go to its config (e.g. tie_word_embeddings, attn_implementation)."""
+    import transformers
+
+    name = {"llama": "Llama", "qwen2": "Qwen2"}[family]
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    config = getattr(transformers, f"{name}Config")(vocab_size=vocab, **{**TINY_DECODER, **overrides})
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128):
+    return tiny_decoder("llama", seed, vocab, tie_word_embeddings=False)
 
 
 def tiny_gpt2(seed: int = 0):

@@ -5,8 +5,9 @@ head, with one row or several (padded), for sdpa's boolean and eager's additive 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_decoder
 
-from lorakit.train import packing
+from lorakit.train import packing, shared_prefix
 from lorakit.train.data import IGNORE, Example
 from lorakit.train.objective import _capture_head_input, _plain_head
 
@@ -14,38 +15,11 @@ VOCAB = 96
 
 
 def _llama(attention: str, tied: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        attn_implementation=attention,
-    )
-    return LlamaForCausalLM(config).train()
+    return tiny_decoder("llama", vocab=VOCAB, tie_word_embeddings=tied, attn_implementation=attention).train()
 
 
 def _qwen2(attention: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attention,
-    )
-    return Qwen2ForCausalLM(config).train()
+    return tiny_decoder("qwen2", vocab=VOCAB, attn_implementation=attention).train()
 
 
 def _examples(shared: int, seed: int = 3) -> list[Example]:
@@ -91,7 +65,7 @@ def _packed(model, examples):
 @pytest.mark.parametrize("row_tokens", [1000, 12])  # one row, or several padded rows
 def test_packed_equals_each_example_alone(build, attention, shared, row_tokens, monkeypatch):
     monkeypatch.setattr(packing, "ROW_TOKENS", row_tokens)
-    monkeypatch.setattr(packing, "MIN_TOKENS_SAVED", 0)
+    monkeypatch.setattr(shared_prefix, "MIN_TOKENS_SAVED", 0)
     model = build(attention)
     examples = _examples(shared)
     assert packing.applies(model)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import shared_prefix
 from .data import IGNORE, Example
 from .head_loss import linear_cross_entropy
 
@@ -37,8 +38,6 @@ ATTENTION = frozenset({"sdpa", "eager"})
 # A packed row holds at most max(longest example, ROW_TOKENS) tokens: attention inside a row is
 # computed for every pair (masked), so very long rows would waste more than padding did.
 ROW_TOKENS = 256
-# A second forward call (the shared head's) costs about as much as this many token positions.
-MIN_TOKENS_SAVED = 40
 
 
 @dataclass
@@ -71,13 +70,13 @@ def applies(model: nn.Module) -> bool:
 
 def _shared_length(model: nn.Module, examples: list[Example]) -> int:
     """Leading tokens all examples share (each keeps at least one of its own); 0 where not worth a call."""
-    if len(examples) < 2 or hasattr(model, "module") or getattr(model, "is_activation_checkpointing", False):
+    if len(examples) < 2 or not shared_prefix.cache_usable(model):
         return 0
     first, limit = examples[0].input_ids, min(len(e.input_ids) for e in examples) - 1
     length = 0
     while length < limit and all(e.input_ids[length] == first[length] for e in examples):
         length += 1
-    return length if (len(examples) - 1) * length > MIN_TOKENS_SAVED else 0
+    return length if shared_prefix.pays(len(examples), length) else 0
 
 
 def _rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -31,7 +31,7 @@ MIN_TOKENS_SAVED = 40
 def shared_length(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """How many leading positions every row shares (0: run the batch as one pass)."""
     rows, width = input_ids.shape
-    if rows < 2 or hasattr(model, "module") or _checkpointing(model):
+    if rows < 2 or not cache_usable(model):
         return 0
     if getattr(getattr(model, "config", None), "model_type", None) not in SHARED_PREFIX_MODELS:
         return 0
@@ -40,12 +40,18 @@ def shared_length(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         return 0
     same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
     length = min(int(same.int().cumprod(0).sum()), width - 1)  # at least one position left per row
-    return length if (rows - 1) * length > MIN_TOKENS_SAVED else 0
+    return length if pays(rows, length) else 0
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether the model recomputes layers in backward."""
-    return bool(getattr(model, "is_activation_checkpointing", False))
+def cache_usable(model: nn.Module) -> bool:
+    """Whether a training forward may run through the model's cache: not under DDP (one forward per
+    backward there) nor gradient checkpointing (the model recomputes layers and turns its cache off)."""
+    return not hasattr(model, "module") and not getattr(model, "is_activation_checkpointing", False)
+
+
+def pays(rows: int, length: int) -> bool:
+    """Whether computing `length` shared positions once for `rows` rows saves more than a second call costs."""
+    return (rows - 1) * length > MIN_TOKENS_SAVED
 
 
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> None:
